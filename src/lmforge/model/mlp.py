@@ -1,0 +1,41 @@
+"""Feed-forward blocks: SwiGLU (Shazeer 2020; Llama) and the two-layer GELU MLP (GPT-2)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.config import Config
+
+
+def activation(name: str):
+    if name in ("silu", "swish"):
+        return F.silu
+    if name == "gelu_new":  # tanh approximation used by GPT-2
+        return lambda x: F.gelu(x, approximate="tanh")
+    if name == "gelu":
+        return F.gelu
+    raise ValueError(f"unknown activation {name!r} (silu, gelu, gelu_new are known)")
+
+
+class MLP(nn.Module):
+    """swiglu: down(act(gate(x)) * up(x));  gelu: down(act(up(x))).  (B, T, D) -> (B, T, D)"""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        d, f, bias = config.n_embd, config.intermediate_size, config.mlp_bias
+        self.gated = config.mlp == "swiglu"
+        if self.gated:
+            self.gate_proj = nn.Linear(d, f, bias=bias)
+        self.up_proj = nn.Linear(d, f, bias=bias)
+        self.down_proj = nn.Linear(f, d, bias=bias)
+        self.act = activation(config.activation)
+        self.dropout = nn.Dropout(config.resid_dropout) if config.resid_dropout else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            h = self.act(self.gate_proj(x)) * self.up_proj(x)  # (B, T, F)
+        else:
+            h = self.act(self.up_proj(x))
+        return self.dropout(self.down_proj(h))

@@ -1,0 +1,220 @@
+"""Parity against transformers, through lmforge's real loader and saver, for every supported family."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+
+from conftest import FAMILIES, VOCAB, make_hf_checkpoint
+from lmforge.config import Config
+from lmforge.generate import SamplingParams, generate
+from lmforge.model import CheckpointError, KVCache, load_model, save_model
+
+
+def _ids(seed: int, shape) -> torch.Tensor:
+    return torch.randint(0, VOCAB, shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_match_transformers(checkpoints, family):
+    folder, hf = checkpoints[family]
+    model = load_model(folder, device="cpu")
+    ids = _ids(1, (2, 40))  # 40 > sliding windows (8) and > the dynamic-rope context (16)
+    with torch.no_grad():
+        expected = hf(ids).logits
+        got = model.logits(model(ids))
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_matches_transformers_generate(checkpoints, family):
+    folder, hf = checkpoints[family]
+    model = load_model(folder, device="cpu")
+    for seed, length in ((2, 5), (3, 11)):
+        prompt = _ids(seed, (1, length))
+        # an explicit attention mask: otherwise transformers masks prompt tokens equal to pad_token_id
+        expected = hf.generate(
+            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=32, do_sample=False, pad_token_id=0
+        )[0, length:].tolist()
+        got = generate(model, prompt.tolist(), SamplingParams(max_new_tokens=32, temperature=0))[0].tokens
+        assert got == expected
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_saved_checkpoint_loads_in_transformers(checkpoints, family, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    folder, _ = checkpoints[family]
+    save_model(load_model(folder, device="cpu"), tmp_path / "out")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    # a fresh reference: transformers' dynamic RoPE keeps state from earlier calls on the shared model
+    hf = AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert type(reloaded) is type(hf)
+    ids = _ids(4, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, hf(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_sharded_save_round_trip(checkpoints, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    folder, hf = checkpoints["llama"]
+    save_model(load_model(folder, device="cpu"), tmp_path, max_shard_bytes=40_000)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2
+    assert not (tmp_path / "model.safetensors").exists()
+    ids = _ids(5, (1, 16))
+    ours = load_model(tmp_path, device="cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(ours.logits(ours(ids)), hf(ids).logits, atol=1e-4, rtol=0)
+        theirs = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+        torch.testing.assert_close(theirs(ids).logits, hf(ids).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "mistral", "qwen2"])
+def test_kv_cache_decoding_equals_full_recomputation(checkpoints, family):
+    folder, _ = checkpoints[family]
+    model = load_model(folder, device="cpu")
+    ids = _ids(6, (3, 30))
+    with torch.no_grad():
+        full = model.logits(model(ids))
+        cache = KVCache.for_model(model, 3, 40)
+        steps = [model.logits(model(ids[:, :12], kv_cache=cache))]
+        steps += [model.logits(model(ids[:, t : t + 1], kv_cache=cache)) for t in range(12, 30)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
+
+
+def test_left_padded_forward_equals_unpadded(checkpoints):
+    folder, _ = checkpoints["qwen2"]
+    model = load_model(folder, device="cpu")
+    short, long = _ids(7, (1, 9)), _ids(8, (1, 20))
+    batch = torch.cat([torch.cat([torch.zeros(1, 11, dtype=torch.long), short], 1), long])
+    mask = torch.ones_like(batch)
+    mask[0, :11] = 0
+    with torch.no_grad():
+        padded = model.logits(model(batch, attention_mask=mask))
+        torch.testing.assert_close(padded[0, 11:], model.logits(model(short))[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(padded[1], model.logits(model(long))[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "gpt2"])
+def test_batched_generation_equals_one_by_one(checkpoints, family):
+    folder, _ = checkpoints[family]
+    model = load_model(folder, device="cpu")
+    prompts = [_ids(s, (n,)).tolist() for s, n in ((9, 3), (10, 17), (11, 8), (12, 1))]
+    for params in (
+        SamplingParams(max_new_tokens=24, temperature=0),
+        SamplingParams(max_new_tokens=24, temperature=0.9, top_k=40, top_p=0.9, seed=7),
+    ):
+        batched = generate(model, prompts, params)
+        for i, prompt in enumerate(prompts):
+            alone_params = SamplingParams(
+                **{**params.__dict__, "seed": None if params.seed is None else params.seed + i}
+            )
+            alone = generate(model, [prompt], alone_params)[0]
+            assert batched[i].tokens == alone.tokens
+
+
+def test_sampling_is_seeded_and_varies(checkpoints):
+    folder, _ = checkpoints["llama"]
+    model = load_model(folder, device="cpu")
+    prompt = [_ids(13, (4,)).tolist()]
+    p = dict(max_new_tokens=20, temperature=1.0)
+    a = generate(model, prompt, SamplingParams(**p, seed=1))[0].tokens
+    b = generate(model, prompt, SamplingParams(**p, seed=1))[0].tokens
+    c = generate(model, prompt, SamplingParams(**p, seed=2))[0].tokens
+    assert a == b and a != c
+
+
+def test_pickle_checkpoint_is_refused_without_unpickling(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    folder = tmp_path / "ckpt"
+    make_hf_checkpoint(folder, "llama", with_tokenizer=False)
+    (folder / "model.safetensors").unlink()
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps({"x": Exploit()}))
+    with pytest.raises(CheckpointError, match="pickle"):
+        load_model(folder, device="cpu")
+    with pytest.raises(CheckpointError, match="pickle"):
+        load_model(folder / "pytorch_model.bin", device="cpu")
+    assert not marker.exists()
+
+
+def test_unsupported_model_type_names_the_supported_ones(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "falcon", "hidden_size": 8}))
+    with pytest.raises(ValueError, match="unsupported model_type 'falcon'.*gpt2, llama, mistral, qwen2"):
+        load_model(tmp_path, device="cpu")
+
+
+def test_mismatched_weights_name_the_tensor(checkpoints, tmp_path):
+    folder, _ = checkpoints["llama"]
+    config = json.loads((folder / "config.json").read_text())
+    config["intermediate_size"] = 128
+    for f in ("model.safetensors",):
+        (tmp_path / f).write_bytes((folder / f).read_bytes())
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="mlp.*shape"):
+        load_model(tmp_path, device="cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_loads_and_stays_close(checkpoints, dtype):
+    folder, hf = checkpoints["llama"]
+    model = load_model(folder, dtype=dtype, device="cpu")
+    assert next(model.parameters()).dtype == dtype
+    ids = _ids(14, (1, 16))
+    with torch.no_grad():
+        got = model.logits(model(ids)).float()
+        expected = hf(ids).logits
+    assert (got - expected).abs().max() < 0.05
+    tokens = generate(model, ids.tolist(), SamplingParams(max_new_tokens=8, temperature=0))[0].tokens
+    assert len(tokens) == 8
+
+
+def test_prompt_and_generated_logprobs_match_transformers(checkpoints):
+    folder, hf = checkpoints["llama"]
+    model = load_model(folder, device="cpu")
+    prompt = _ids(15, (12,)).tolist()
+    out = generate(model, [prompt], SamplingParams(max_new_tokens=6, temperature=0, logprobs=True, top_logprobs=3,
+                                                    prompt_logprobs=True))[0]  # fmt: skip
+    full = torch.tensor([prompt + out.tokens])
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(full).logits[0, :-1].float(), -1)
+    expected = ref.gather(-1, full[0, 1:, None])[:, 0]
+    assert out.prompt_logprobs[0] is None
+    torch.testing.assert_close(
+        torch.tensor(out.prompt_logprobs[1:]), expected[: len(prompt) - 1], atol=1e-4, rtol=0
+    )
+    torch.testing.assert_close(torch.tensor(out.logprobs), expected[len(prompt) - 1 :], atol=1e-4, rtol=0)
+    for step, alternatives in enumerate(out.top_logprobs):
+        assert len(alternatives) == 3
+        assert out.tokens[step] == max(alternatives, key=alternatives.get)  # greedy picks the top one
+
+
+def test_config_presets_and_hf_round_trip():
+    for name in ("gpt2", "gpt2-medium", "llama-3.2-1b", "smollm2-135m", "qwen2.5-0.5b", "mistral-7b"):
+        c = Config.from_name(name)
+        back = Config.from_hf(c.to_hf())
+        for field in ("model_type", "n_layer", "n_head", "n_kv_head", "head_dim", "n_embd", "intermediate_size",
+                      "vocab_size", "rope_theta", "rope_scaling", "sliding_window", "tie_embeddings", "qkv_bias"):  # fmt: skip
+            assert getattr(back, field) == getattr(c, field), (name, field)
+    assert Config.from_name("llama-3.2-1b", n_layer=2).n_layer == 2
+    with pytest.raises(ValueError, match="unknown preset"):
+        Config.from_name("llama-9")
+
+
+def test_preset_parameter_counts():
+    from lmforge.model import Transformer
+
+    expected = {"gpt2": 124_439_808, "smollm2-135m": 134_515_008, "qwen2.5-0.5b": 494_032_768,
+                "llama-3.2-1b": 1_235_814_400, "mistral-7b": 7_241_732_096}  # fmt: skip
+    for name, count in expected.items():
+        with torch.device("meta"):
+            assert Transformer(Config.from_name(name)).num_parameters() == count, name
