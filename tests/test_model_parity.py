@@ -218,3 +218,14 @@ def test_preset_parameter_counts():
     for name, count in expected.items():
         with torch.device("meta"):
             assert Transformer(Config.from_name(name)).num_parameters() == count, name
+
+
+@pytest.mark.slow
+def test_compiled_decode_equals_eager(checkpoints):
+    folder, _ = checkpoints["qwen2"]
+    model = load_model(folder, device="cpu")
+    prompts = [_ids(16, (n,)).tolist() for n in (4, 9)]
+    params = SamplingParams(max_new_tokens=20, temperature=0)
+    eager = generate(model, prompts, params)
+    compiled = generate(model, prompts, params, compile=True)
+    assert [g.tokens for g in compiled] == [g.tokens for g in eager]

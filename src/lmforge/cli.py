@@ -14,7 +14,7 @@ import sys
 import textwrap
 from collections.abc import Callable, Sequence
 
-_PLUGINS: list[str] = []  # modules with register(subparsers), e.g. "lmforge.data.cli"
+_PLUGINS: list[str] = ["lmforge.data.cli", "lmforge.train.cli"]  # modules with register(subparsers)
 
 
 class CLIError(Exception):
@@ -128,7 +128,7 @@ def cmd_generate(args) -> int:
         raise CLIError("the prompt encodes to no tokens")
     out = sys.stderr if args.json else sys.stdout
     echo = not args.json or sys.stderr.isatty()  # with --json, stdout holds only the JSON line
-    pieces = stream(pre.model, pre.tokenizer, prompt, params)
+    pieces = stream(pre.model, pre.tokenizer, prompt, params, compile=args.compile)
     try:
         while True:
             piece = next(pieces)
@@ -317,30 +317,19 @@ def cmd_demo(args) -> int:
     import itertools
     from pathlib import Path
 
-    from tokenizers import Tokenizer as Backend
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
     from lmforge.config import Config
     from lmforge.data.stdlib_corpus import iter_stdlib_docstrings
     from lmforge.generate import SamplingParams, stream
     from lmforge.model.decoder import Transformer
     from lmforge.pretrained import save_pretrained
-    from lmforge.tokenizer import CHATML_TEMPLATE, Tokenizer
+    from lmforge.tokenizer_train import train_tokenizer
 
     out = Path(args.out) / "model"
     texts = [d.text for d in itertools.islice(iter_stdlib_docstrings(), args.documents)]
     print(
         f"[demo] training a byte-level BPE tokenizer ({args.vocab_size} tokens) on {len(texts)} stdlib docstrings"
     )
-    backend = Backend(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    backend.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=args.vocab_size, special_tokens=specials, show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))  # fmt: skip
-    tokenizer = Tokenizer(backend, chat_template=CHATML_TEMPLATE, special_tokens={
-        "bos_token": "<|endoftext|>", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"})  # fmt: skip
+    tokenizer = train_tokenizer(texts, kind="bpe", vocab_size=args.vocab_size)
     config = Config.from_name("tiny-llama", vocab_size=tokenizer.vocab_size, n_layer=4, n_embd=128,
                               intermediate_size=384, max_seq_len=512, eos_token_id=tokenizer.eos_id)  # fmt: skip
     model = Transformer(config)
@@ -356,6 +345,13 @@ def cmd_demo(args) -> int:
     ):
         print(piece, end="", flush=True)
     print("\n\n[demo] (random weights write gibberish; try the commands above on your own checkpoints)")
+    return 0
+
+
+def cmd_quickstart(args) -> int:
+    from lmforge.quickstart import run_quickstart
+
+    run_quickstart(args.out, max_steps=args.max_steps, vocab_size=args.vocab_size, seed=args.seed)
     return 0
 
 
@@ -390,6 +386,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--system", default=None, help="system message (with --chat)")
     _sampling_args(p)
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the decode step (slow first call, faster decoding after)",
+    )
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (text, tokens, usage, timings) as the last line of stdout")  # fmt: skip
 
@@ -416,6 +417,22 @@ def build_parser() -> argparse.ArgumentParser:
     """)  # fmt: skip
     p.add_argument("--model", required=True, metavar="DIR", help="checkpoint folder in Hugging Face layout")
     p.add_argument("--json", action="store_true")
+
+    p = add_command(sub, "quickstart", cmd_quickstart, "curate, train a tokenizer, pretrain, evaluate and sample: "
+                    "the whole path on the built-in stdlib corpus, minutes on a CPU", """
+        lmforge quickstart --out runs/quickstart
+        lmforge generate --model runs/quickstart/final --prompt "Return the"
+        lmforge quickstart --out runs/qs --max-steps 100     # a shorter run
+    """)  # fmt: skip
+    p.add_argument(
+        "--out",
+        default="runs/quickstart",
+        metavar="DIR",
+        help="run folder; the checkpoint ends in DIR/final (default: runs/quickstart)",
+    )
+    p.add_argument("--max-steps", type=int, default=600, help="optimizer steps of pretraining")
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--seed", type=int, default=0)
 
     p = add_command(sub, "demo", cmd_demo, "build a small checkpoint from scratch, describe it, generate from it", """
         lmforge demo --out runs/demo

@@ -159,6 +159,7 @@ class Decoder:
         params: SamplingParams,
         eos_ids: Sequence[int] = (),
         pad_id: int = 0,
+        compile: bool = False,
     ):
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
@@ -175,7 +176,8 @@ class Decoder:
         if params.logprobs:
             for r in self.results:
                 r.logprobs, r.top_logprobs = [], ([] if params.top_logprobs else None)
-        self.rows = list(range(len(prompts)))  # result index of each live batch row
+        self.rows = list(range(len(prompts)))  # result indices still generating
+        self.live = set(self.rows)
         B, V = len(prompts), model.config.vocab_size
         self.generators = None
         if not params.greedy:
@@ -188,7 +190,11 @@ class Decoder:
                 self.seen[b, torch.tensor(p, device=self.device)] = True
         if params.presence_penalty or params.frequency_penalty:
             self.out_counts = torch.zeros(B, V, dtype=torch.float32, device=self.device)
-        self.cache = KVCache.for_model(model, B, longest + self.budget)
+        # compile: a static cache and a fixed batch (finished rows keep decoding, their tokens ignored),
+        # so the decode step is traced once; see KVCache
+        self.compiled = compile
+        self.cache = KVCache.for_model(model, B, longest + self.budget, static=compile)
+        self.batch_rows = list(range(B))  # result index of each batch row
         self._prompts = prompts
         self._pad_id = pad_id
         self._next: torch.Tensor | None = None  # (B,) tokens to feed at the next step
@@ -228,16 +234,19 @@ class Decoder:
             logprobs = F.log_softmax(logits.float(), dim=-1)
             chosen = logprobs.gather(-1, tokens[:, None])[:, 0].tolist()
             alternatives = _top_alternatives(logprobs, p.top_logprobs) if p.top_logprobs else None
-            for b, row in enumerate(self.rows):
-                self.results[row].logprobs.append(chosen[b])
-                if alternatives is not None:
-                    self.results[row].top_logprobs.append(alternatives[b])
+            for b, row in enumerate(self.batch_rows):
+                if row in self.live:
+                    self.results[row].logprobs.append(chosen[b])
+                    if alternatives is not None:
+                        self.results[row].top_logprobs.append(alternatives[b])
+        batch = torch.arange(len(self.batch_rows), device=self.device)
         if self.seen is not None:
-            self.seen[torch.arange(len(self.rows)), tokens] = True
+            self.seen[batch, tokens] = True
         if self.out_counts is not None:
-            self.out_counts[torch.arange(len(self.rows)), tokens] += 1
+            self.out_counts[batch, tokens] += 1
         for b, token in enumerate(tokens.tolist()):
-            self.results[self.rows[b]].tokens.append(token)
+            if self.batch_rows[b] in self.live:
+                self.results[self.batch_rows[b]].tokens.append(token)
         self._next = tokens
         self.steps += 1
 
@@ -258,10 +267,12 @@ class Decoder:
         """Stop generating for these result indices (finished, or stopped by the caller)."""
         if not rows:
             return
-        keep = [b for b, row in enumerate(self.rows) if row not in rows]
-        self.rows = [self.rows[b] for b in keep]
-        if not keep:
+        self.rows = [row for row in self.rows if row not in rows]
+        self.live = set(self.rows)
+        if not self.rows or self.compiled:
             return
+        keep = [b for b, row in enumerate(self.batch_rows) if row not in rows]
+        self.batch_rows = [self.batch_rows[b] for b in keep]
         self.cache.select_rows(keep)
         index = torch.tensor(keep, device=self.device)
         self._next = self._next.index_select(0, index)
@@ -272,11 +283,35 @@ class Decoder:
         if self.out_counts is not None:
             self.out_counts = self.out_counts.index_select(0, index)
 
+    def _forward_step(self, tokens: torch.Tensor) -> torch.Tensor:
+        hidden = self.model(tokens[:, None], kv_cache=self.cache)  # (B, 1, D)
+        return self.model.logits(hidden[:, -1])  # (B, V)
+
     @torch.inference_mode()
     def step(self) -> None:
         """Feed the last sampled token of every live row and choose the next."""
-        hidden = self.model(self._next[:, None], kv_cache=self.cache)  # (B, 1, D)
-        self._emit(self.model.logits(hidden[:, -1]))
+        if self.compiled:
+            self._emit(_compiled(self.model, self.cache)(self._next))
+        else:
+            self._emit(self._forward_step(self._next))
+
+
+def _decode_step(model: Transformer, tokens: torch.Tensor, *cache_tensors) -> torch.Tensor:
+    """One decode step on a static cache given as tensors: (B,) tokens -> (B, V) logits."""
+    hidden = model(tokens[:, None], kv_cache=KVCache.wrap(*cache_tensors))  # (B, 1, D)
+    return model.logits(hidden[:, -1])
+
+
+_compiled_decode_step = None
+
+
+def _compiled(model: Transformer, cache: KVCache):
+    """The decode step through torch.compile. Only tensors and the model go in, so every Decoder with
+    the same batch size and cache length reuses the compiled code."""
+    global _compiled_decode_step
+    if _compiled_decode_step is None:
+        _compiled_decode_step = torch.compile(_decode_step, dynamic=False)
+    return lambda tokens: _compiled_decode_step(model, tokens, *cache.tensors())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -344,13 +379,14 @@ def generate_stream(
     prompts: Sequence[Sequence[int]],
     params: SamplingParams | None = None,
     tokenizer=None,
+    compile: bool = False,
 ) -> Iterator[tuple[int, str, Generation | None]]:
     """The decode loop, as events: (prompt index, text piece, None) while text is produced and
     (prompt index, "", Generation) when that prompt is done. Without a tokenizer pieces are empty."""
     params = params or SamplingParams()
     if params.stop and tokenizer is None:
         raise ValueError("stop strings need a tokenizer")
-    dec = Decoder(model, prompts, params, _eos_ids(model, tokenizer), _pad_id(model, tokenizer))
+    dec = Decoder(model, prompts, params, _eos_ids(model, tokenizer), _pad_id(model, tokenizer), compile)
     texts = [_RowText(tokenizer, p, params.stop) for p in prompts] if tokenizer is not None else None
     t0 = time.perf_counter()
     dec.prefill()
@@ -386,22 +422,33 @@ def generate(
     prompts: Sequence[Sequence[int]],
     params: SamplingParams | None = None,
     tokenizer=None,
+    compile: bool = False,
 ) -> list[Generation]:
-    """Generate continuations for a batch of token-id prompts (any lengths); one Generation each."""
+    """Generate continuations for a batch of token-id prompts (any lengths); one Generation each.
+
+    compile=True runs the decode step through torch.compile (a static cache; the first call compiles,
+    which takes seconds to a minute; later calls with the same batch size and cache length reuse it).
+    """
     results: list[Generation | None] = [None] * len(prompts)
-    for row, _, done in generate_stream(model, prompts, params, tokenizer):
+    for row, _, done in generate_stream(model, prompts, params, tokenizer, compile):
         if done is not None:
             results[row] = done
     return results  # type: ignore[return-value]
 
 
-def stream(model: Transformer, tokenizer, prompt: Sequence[int], params: SamplingParams | None = None):
+def stream(
+    model: Transformer,
+    tokenizer,
+    prompt: Sequence[int],
+    params: SamplingParams | None = None,
+    compile: bool = False,
+):
     """Yield the text pieces of one prompt's continuation as they are decoded; return its Generation.
 
     A piece never ends inside a multi-byte character, and text that could begin a stop string is held
     back until it is known not to; the pieces concatenate to `generate(...)`'s text.
     """
-    for _, piece, done in generate_stream(model, [prompt], params, tokenizer):
+    for _, piece, done in generate_stream(model, [prompt], params, tokenizer, compile):
         if done is not None:
             return done
         yield piece

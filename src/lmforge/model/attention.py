@@ -51,7 +51,7 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(
             q, k, v,
             attn_mask=mask,
-            is_causal=mask is None,
+            is_causal=mask is None and T > 1,  # one decode query with no mask sees every key
             dropout_p=self.attn_dropout if self.training else 0.0,
             enable_gqa=self.n_kv_head != self.n_head,
         )  # (B, H, T, hd)  # fmt: skip

@@ -126,7 +126,13 @@ class Transformer(nn.Module):
         if kv_cache is not None:
             q_slots, key_valid = kv_cache.begin(T, pad_mask)
             n_keys = key_valid.shape[-1]
-            return {w: build_mask(q_slots, key_valid, n_keys, w) for w in self._windows}
+            masks = {}
+            for w in self._windows:
+                if T == 1 and kv_cache.all_valid and (w is None or w >= n_keys):
+                    masks[w] = None  # one query that sees every slot: no mask, SDPA's fastest path
+                else:
+                    masks[w] = build_mask(q_slots, key_valid, n_keys, w)
+            return masks
         if attention_mask is not None and attention_mask.dim() > 2:  # a full mask from the caller
             full = attention_mask.bool()
             return dict.fromkeys(self._windows, full if full.dim() == 4 else full[:, None])

@@ -314,3 +314,141 @@ def _atomic(final: Path, write) -> None:
 
 def write_text_atomic(final: Path, text: str) -> None:
     _atomic(Path(final), lambda tmp: Path(tmp).write_text(text))
+
+
+# --------------------------------------------------------------------------------------------------
+# Encoders (BERT family): `BertModel` / `BertForMaskedLM` checkpoints <-> lmforge.model.encoder.Encoder.
+# A BertForMaskedLM checkpoint prefixes the backbone with `bert.`; its decoder is tied to the word embeddings.
+
+_BERT_LAYER = {  # ours (inside layers.{i}.) -> HF (inside encoder.layer.{i}.)
+    "self_attn.q_proj": "attention.self.query",
+    "self_attn.k_proj": "attention.self.key",
+    "self_attn.v_proj": "attention.self.value",
+    "self_attn.o_proj": "attention.output.dense",
+    "attn_norm": "attention.output.LayerNorm",
+    "up_proj": "intermediate.dense",
+    "down_proj": "output.dense",
+    "mlp_norm": "output.LayerNorm",
+}
+_BERT_TOP = {  # ours -> HF, backbone modules (under `bert.` in BertForMaskedLM)
+    "embed_tokens": "embeddings.word_embeddings",
+    "embed_positions": "embeddings.position_embeddings",
+    "embed_token_types": "embeddings.token_type_embeddings",
+    "embed_norm": "embeddings.LayerNorm",
+    "pooler": "pooler.dense",
+}
+_BERT_HEAD = {  # ours -> HF, masked-LM head
+    "mlm_head.dense": "cls.predictions.transform.dense",
+    "mlm_head.norm": "cls.predictions.transform.LayerNorm",
+    "mlm_head.bias": "cls.predictions.bias",
+}
+_BERT_IGNORED = (  # buffers, tied copies and the next-sentence head, never needed to run the encoder
+    "embeddings.position_ids",
+    "cls.predictions.decoder.weight",
+    "cls.predictions.decoder.bias",
+    "cls.seq_relationship.weight",
+    "cls.seq_relationship.bias",
+)
+
+
+def bert_to_hf(sd: dict[str, torch.Tensor], mlm_head: bool) -> dict[str, torch.Tensor]:
+    prefix = "bert." if mlm_head else ""
+    out = {}
+    for name, t in sd.items():
+        m = re.match(r"layers\.(\d+)\.(.+)\.(weight|bias)$", name)
+        if m is not None:
+            i, module, kind = m.groups()
+            out[f"{prefix}encoder.layer.{i}.{_BERT_LAYER[module]}.{kind}"] = t
+        elif name in _BERT_HEAD:
+            out[_BERT_HEAD[name]] = t
+        else:
+            module, kind = name.rsplit(".", 1)
+            hf = _BERT_HEAD.get(module) or prefix + _BERT_TOP[module]
+            out[f"{hf}.{kind}"] = t
+    return out
+
+
+def bert_from_hf(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    inverse_layer = {v: k for k, v in _BERT_LAYER.items()}
+    inverse = {v: k for k, v in {**_BERT_TOP, **_BERT_HEAD}.items()}
+    out = {}
+    for name, t in hf.items():
+        name = name.removeprefix("bert.")
+        if name.endswith(_BERT_IGNORED):
+            continue
+        name = re.sub(
+            r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", name)
+        )
+        m = re.match(r"encoder\.layer\.(\d+)\.(.+)\.(weight|bias)$", name)
+        if m is not None and m.group(2) in inverse_layer:
+            i, module, kind = m.groups()
+            out[f"layers.{i}.{inverse_layer[module]}.{kind}"] = t
+        elif name in inverse:
+            out[inverse[name]] = t
+        elif "." in name and name.rsplit(".", 1)[0] in inverse:
+            module, kind = name.rsplit(".", 1)
+            out[f"{inverse[module]}.{kind}"] = t
+        else:
+            out[name] = t  # reported as unexpected by the caller
+    return out
+
+
+def load_encoder(
+    path: str | Path,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+):
+    """Load a HF BERT-family folder (config.json + safetensors) into an `Encoder`.
+
+    The pooler and the masked-LM head are built when the checkpoint has their weights.
+    """
+    from lmforge.model.encoder import Encoder, EncoderConfig
+
+    path = Path(path)
+    check_not_pickle(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a folder (expected a checkpoint folder with config.json)")
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path}: no config.json")
+    hf_config = json.loads((path / "config.json").read_text())
+    try:
+        config = EncoderConfig.from_hf(hf_config)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    state = bert_from_hf(read_safetensors(safetensors_files(path)))
+    config.pooler = "pooler.weight" in state
+    config.mlm_head = "mlm_head.dense.weight" in state
+    device = torch.device(device) if device is not None else default_device()
+    dtype = resolve_dtype(dtype, device, hf_config.get("torch_dtype") or hf_config.get("dtype"))
+    with torch.device("meta"):
+        model = Encoder(config)
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: weights do not match a BERT encoder"
+            + (f"; missing: {', '.join(missing[:5])}" if missing else "")
+            + (f"; unexpected: {', '.join(unexpected[:5])}" if unexpected else "")
+        )
+    for name, t in state.items():
+        want = model.get_parameter(name).shape
+        if t.shape != want:
+            raise CheckpointError(f"{path}: {name} has shape {tuple(t.shape)}, config implies {tuple(want)}")
+    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, assign=True)
+    return model.eval()
+
+
+def save_encoder(model, path: str | Path) -> None:
+    """Write config.json + model.safetensors as a HF `BertModel` (or `BertForMaskedLM` with the MLM head)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    tensors = bert_to_hf(sd, model.mlm_head is not None)
+    hf_config = model.config.to_hf()
+    hf_config["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+    for old in list(path.glob("model*.safetensors")) + [path / SAFETENSORS_INDEX]:
+        old.unlink(missing_ok=True)
+    _atomic(path / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    write_text_atomic(path / "config.json", json.dumps(hf_config, indent=2) + "\n")

@@ -8,6 +8,10 @@ Each row also has:
 The attention mask of a step is derived from these: a query in slot i sees key slot j iff valid[j] and
 j <= i (and i - j < window for sliding-window layers). So left-padded batches, rows that started at
 different times (continuous batching) and shared prefixes are all the same mechanism.
+
+With `static=True` every step attends over all S slots and writes through tensor indices, so a decode
+step has the same shapes and no host-side values every time: what `torch.compile` needs to trace it
+once. The eager default attends only over the slots in use, which is faster without compilation.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ class KVCache:
         head_dim: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        static: bool = False,
     ):
         shape = (batch_size, n_kv_head, max_len, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
@@ -33,19 +38,38 @@ class KVCache:
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.seen = torch.zeros(batch_size, dtype=torch.long, device=device)
         self._host_lengths = [0] * batch_size  # a host mirror of `lengths`: no device sync to plan a step
+        self.all_valid = True  # host-side: no padding or reset slot below any row's length
         self.batch_size, self.max_len = batch_size, max_len
+        self.static = static
         self._pending: tuple[int | None, torch.Tensor | None, int] | None = None
 
     @classmethod
-    def for_model(cls, model, batch_size: int, max_len: int) -> KVCache:
+    def for_model(cls, model, batch_size: int, max_len: int, static: bool = False) -> KVCache:
         c = model.config
         p = next(model.parameters())
-        return cls(c.n_layer, batch_size, max_len, c.n_kv_head, c.head_dim, p.dtype, p.device)
+        return cls(c.n_layer, batch_size, max_len, c.n_kv_head, c.head_dim, p.dtype, p.device, static)
+
+    @classmethod
+    def wrap(cls, keys, values, valid, lengths, seen) -> KVCache:
+        """A static cache over existing tensors (used inside a compiled decode step)."""
+        cache = cls.__new__(cls)
+        cache.keys, cache.values, cache.valid, cache.lengths, cache.seen = keys, values, valid, lengths, seen
+        cache.batch_size, cache.max_len = valid.shape
+        cache.static, cache._pending, cache._host_lengths, cache.all_valid = True, None, [], False
+        return cache
+
+    def tensors(self) -> tuple:
+        return self.keys, self.values, self.valid, self.lengths, self.seen
 
     # ---------------------------------------------------------------------------------------------
     # The model calls begin() once per forward, update() once per layer, commit() at the end.
     def begin(self, n_new: int, new_valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Reserve `n_new` slots in every row; return (query_slots (B, T), key_valid (B, end))."""
+        if self.static:
+            slots = self.lengths[:, None] + torch.arange(n_new, device=self.lengths.device)  # (B, T)
+            self.valid.scatter_(1, slots, True if new_valid is None else new_valid)
+            self._pending = (None, slots, n_new)
+            return slots, self.valid
         starts = self._host_lengths
         end = max(starts) + n_new
         if end > self.max_len:
@@ -54,6 +78,8 @@ class KVCache:
         offsets = torch.arange(n_new, device=device)
         slots = self.lengths[:, None] + offsets  # (B, T)
         uniform = all(s == starts[0] for s in starts)
+        if not uniform or (new_valid is not None and not bool(new_valid.all())):
+            self.all_valid = False
         if uniform:
             s0 = starts[0]
             self.valid[:, s0 : s0 + n_new] = True if new_valid is None else new_valid
@@ -75,6 +101,8 @@ class KVCache:
             rows = torch.arange(self.batch_size, device=kc.device)[:, None]
             kc[rows, :, slots] = k.transpose(1, 2)  # advanced indices first: (B, T, G, hd)
             vc[rows, :, slots] = v.transpose(1, 2)
+        if self.static:
+            return kc, vc
         end = max(self._host_lengths) + n_new
         return kc[:, :, :end], vc[:, :, :end]
 
@@ -82,7 +110,8 @@ class KVCache:
         """Advance every row by the slots reserved in begin(); `n_real` (B,) real tokens among them."""
         _, _, n_new = self._pending
         self.lengths += n_new
-        self._host_lengths = [n + n_new for n in self._host_lengths]
+        if not self.static:
+            self._host_lengths = [n + n_new for n in self._host_lengths]
         self.seen += n_real
         self._pending = None
 
@@ -90,6 +119,7 @@ class KVCache:
     # Slot management (continuous batching, prefix caching).
     def reset(self, row: int) -> None:
         """Empty one row so a new sequence can start in it."""
+        self.all_valid = False
         self.valid[row] = False
         self.lengths[row] = 0
         self.seen[row] = 0
@@ -100,6 +130,7 @@ class KVCache:
         for kc, vc in zip(self.keys, self.values):
             kc[dst, :, :n] = kc[src, :, :n]
             vc[dst, :, :n] = vc[src, :, :n]
+        self.all_valid = False
         self.valid[dst] = False
         self.valid[dst, :n] = self.valid[src, :n]
         self.lengths[dst] = n

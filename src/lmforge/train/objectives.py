@@ -1,0 +1,84 @@
+"""Training objectives: `objective(model, batch) -> (loss, metrics)`. The trainer knows nothing else about them.
+
+An objective gets the (possibly wrapped) model, which answers `model(input_ids, positions, attention_mask)`
+with hidden states (B, T, D) and `model.logits(hidden)` with (…, V), and a batch dict of tensors on the
+model's device. It returns a scalar loss (the mean over what it counts) and a dict of scalar metrics;
+a metric `n_tokens` weights the batch when the trainer averages evaluation losses.
+New objectives (SFT with masked labels, masked LM, reward, DPO, distillation) register in OBJECTIVES.
+torch is imported inside the functions, so the CLI lists the objectives' options without loading it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    import torch
+
+IGNORE_INDEX = -100
+
+
+class Objective(Protocol):
+    def __call__(
+        self, model, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+
+def _chunk_ce_sum(head, hidden: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    import torch.nn.functional as F
+
+    logits = head(hidden).float()  # (B, c, V), float32 for a stable log-softmax under autocast
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=ignore_index, reduction="sum")
+
+
+def chunked_cross_entropy(
+    head, hidden: torch.Tensor, labels: torch.Tensor, chunk_size: int, ignore_index: int = IGNORE_INDEX
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy and the count of counted labels, without the whole (B, T, V) logits.
+
+    hidden: (B, T, D), labels: (B, T). The head runs on `chunk_size` positions at a time; with grad enabled,
+    each chunk is recomputed in backward (activation checkpointing), so only one chunk's logits live at once.
+    """
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    T = hidden.shape[1]
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for s in range(0, T, chunk_size):
+        h, y = hidden[:, s : s + chunk_size], labels[:, s : s + chunk_size]
+        if torch.is_grad_enabled() and chunk_size < T:
+            total = total + checkpoint(_chunk_ce_sum, head, h, y, ignore_index, use_reentrant=False)
+        else:
+            total = total + _chunk_ce_sum(head, h, y, ignore_index)
+    return total, (labels != ignore_index).sum()
+
+
+@dataclass
+class CausalLM:
+    """Next-token prediction: loss = mean over labels != -100 of -log p(label | tokens before it).
+
+    The batch holds `input_ids` (B, T) and `labels` (B, T), labels already shifted (labels[t] = token t+1),
+    optionally `positions` and `attention_mask` (packed documents).
+    """
+
+    chunk_size: int = 1024  # positions per logits chunk
+
+    def __call__(self, model, batch):
+        hidden = model(
+            batch["input_ids"], positions=batch.get("positions"), attention_mask=batch.get("attention_mask")
+        )
+        loss_sum, n = chunked_cross_entropy(model.logits, hidden, batch["labels"], self.chunk_size)
+        return loss_sum / n.clamp(min=1), {"n_tokens": n}
+
+
+OBJECTIVES: dict[str, type] = {"causal_lm": CausalLM}
+
+
+def build_objective(name: str, options: dict) -> Objective:
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown objective {name!r}; known: {', '.join(OBJECTIVES)}")
+    try:
+        return OBJECTIVES[name](**options)
+    except TypeError as e:
+        raise ValueError(f"objective {name}: {e}") from None
