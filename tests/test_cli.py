@@ -108,3 +108,10 @@ def test_bad_config_and_unknown_family_and_long_prompt(checkpoints, tmp_path, ca
 def test_cli_as_subprocess_has_no_traceback(checkpoints):
     proc = run("generate", "--model", "/nonexistent", "--prompt", "x")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
+
+
+def test_download_offline_is_one_line_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["download", "nobody/nothing", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "download failed" in err

@@ -348,6 +348,21 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_download(args) -> int:
+    """Fetch the safetensors/JSON files of a Hub repository (the only command that uses the network)."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise CLIError("downloading needs the huggingface_hub package: pip install huggingface_hub") from None
+    patterns = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]  # never pickles (.bin, .pt)
+    try:
+        path = snapshot_download(args.repo, revision=args.revision, local_dir=args.out, allow_patterns=patterns)
+    except Exception as e:  # the hub client raises many types; one line for each
+        raise CLIError(f"{args.repo}: download failed ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    print(path)
+    return 0
+
+
 def cmd_quickstart(args) -> int:
     from lmforge.quickstart import run_quickstart
 
@@ -433,6 +448,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=600, help="optimizer steps of pretraining")
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--seed", type=int, default=0)
+
+    p = add_command(sub, "download", cmd_download, "download a checkpoint from the Hugging Face Hub (safetensors only)", """
+        lmforge download HuggingFaceTB/SmolLM2-135M --out checkpoints/smollm2-135m
+        lmforge generate --model checkpoints/smollm2-135m --prompt "Gravity is"
+    """)  # fmt: skip
+    p.add_argument("repo", help="a Hub repository id, e.g. Qwen/Qwen2.5-0.5B-Instruct")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--revision", default=None, help="branch, tag or commit")
 
     p = add_command(sub, "demo", cmd_demo, "build a small checkpoint from scratch, describe it, generate from it", """
         lmforge demo --out runs/demo
