@@ -55,13 +55,12 @@ def time_hf(model, prompts: torch.Tensor, new_tokens: int) -> float:
     return time.perf_counter() - t
 
 
-def time_lmforge(model, prompts: torch.Tensor, new_tokens: int) -> float:
+def time_lmforge(model, prompts: torch.Tensor, new_tokens: int, compile: bool = False) -> float:
     from lmforge.generate import SamplingParams, generate
 
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
     t = time.perf_counter()
-    out = generate(
-        model, prompts.tolist(), SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
-    )
+    out = generate(model, prompts.tolist(), params, compile=compile)
     elapsed = time.perf_counter() - t
     assert all(len(o.tokens) == new_tokens for o in out)
     return elapsed
@@ -83,6 +82,11 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time lmforge with its torch.compile'd decode step (compiles once per shape first)",
+    )
     ap.add_argument("--json", default=None, help="also write the results to this file")
     args = ap.parse_args()
 
@@ -109,7 +113,15 @@ def main() -> None:
         prompts = torch.randint(0, vocab, (B, args.prompt_len), generator=torch.Generator().manual_seed(B))
         theirs = run(time_hf, hf, prompts, args.new_tokens, args.repeats)
         mine = run(time_lmforge, ours, prompts, args.new_tokens, args.repeats)
-        row = {"batch": B, "lmforge": mine, "transformers": theirs,
+        compiled = None
+        if args.compile:
+
+            def compiled_engine(model, p, n):
+                return time_lmforge(model, p, n, compile=True)
+
+            compiled_engine(ours, prompts, args.new_tokens)  # compile for this cache length
+            compiled = run(compiled_engine, ours, prompts, args.new_tokens, args.repeats)
+        row = {"batch": B, "lmforge": mine, "transformers": theirs, "lmforge_compiled": compiled,
                "decode_ratio": mine["decode_tok_s"] / theirs["decode_tok_s"],
                "prefill_ratio": mine["prefill_tok_s"] / theirs["prefill_tok_s"]}  # fmt: skip
         if B == 1:
@@ -122,6 +134,10 @@ def main() -> None:
               f"{row['decode_ratio']:>7.2f}x")  # fmt: skip
         print(f"  {'prefill tok/s':14}{mine['prefill_tok_s']:>12.1f}{theirs['prefill_tok_s']:>14.1f}"
               f"{row['prefill_ratio']:>7.2f}x")  # fmt: skip
+        if compiled is not None:
+            row["compiled_decode_ratio"] = compiled["decode_tok_s"] / theirs["decode_tok_s"]
+            print(f"  {'decode tok/s, lmforge compiled':32}{compiled['decode_tok_s']:>8.1f}"
+                  f"{row['compiled_decode_ratio']:>7.2f}x")  # fmt: skip
         if B == 1:
             print(f"  fraction of the bandwidth bound: lmforge {row['lmforge_fraction_of_bound']:.0%}, "
                   f"transformers {row['transformers_fraction_of_bound']:.0%}")  # fmt: skip

@@ -14,7 +14,7 @@ import sys
 import textwrap
 from collections.abc import Callable, Sequence
 
-_PLUGINS: list[str] = ["lmforge.data.cli", "lmforge.train.cli"]  # modules with register(subparsers)
+_PLUGINS: list[str] = ["lmforge.data.cli", "lmforge.train.cli", "lmforge.rag.cli", "lmforge.serve.cli"]  # modules with register(subparsers)
 
 
 class CLIError(Exception):

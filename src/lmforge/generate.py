@@ -193,7 +193,10 @@ class Decoder:
         # compile: a static cache and a fixed batch (finished rows keep decoding, their tokens ignored),
         # so the decode step is traced once; see KVCache
         self.compiled = compile
-        self.cache = KVCache.for_model(model, B, longest + self.budget, static=compile)
+        cache_len = longest + self.budget
+        if compile:  # round up so runs of similar lengths share one compiled graph
+            cache_len = -(-cache_len // 256) * 256
+        self.cache = KVCache.for_model(model, B, cache_len, static=compile)
         self.batch_rows = list(range(B))  # result index of each batch row
         self._prompts = prompts
         self._pad_id = pad_id

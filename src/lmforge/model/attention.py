@@ -37,7 +37,10 @@ class Attention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         mask: torch.Tensor | None,
         kv_cache: KVCache | None = None,
+        prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        """x (B, T, D) -> (B, T, D). `prefix`: keys and values (B, G, P, hd) seen by every query, placed
+        before the cached and new keys and never stored in the cache (prefix / prompt tuning)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, G, T, hd)
@@ -47,6 +50,9 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, G, S, hd), S = slots in use
+        if prefix is not None:
+            k = torch.cat([prefix[0].to(k.dtype), k], dim=2)  # (B, G, P + S, hd)
+            v = torch.cat([prefix[1].to(v.dtype), v], dim=2)
         # enable_gqa: each kv head serves H/G query heads without copying k and v H/G times
         y = F.scaled_dot_product_attention(
             q, k, v,

@@ -33,8 +33,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = make_norm(config.norm, config.n_embd, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope, mask, kv_cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), rope, mask, kv_cache)
+    def forward(self, x, rope, mask, kv_cache=None, prefix=None):
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, kv_cache, prefix)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -57,6 +57,9 @@ class Transformer(nn.Module):
         if c.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.gradient_checkpointing = False
+        # prefix / prompt tuning: a module giving, per layer, keys and values (B, G, P, hd) that every token
+        # attends to, as if they sat before the input; real positions then start at P (lmforge.finetune)
+        self.prefix: nn.Module | None = None
         self._windows = sorted({c.window_for_layer(i) for i in range(c.n_layer)}, key=lambda w: w or 0)
 
     # ---------------------------------------------------------------------------------------------
@@ -67,23 +70,29 @@ class Transformer(nn.Module):
         attention_mask: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        use_prefix: bool = True,
     ) -> torch.Tensor:
         """Hidden states (B, T, D) after the final norm.
 
         input_ids: (B, T) token ids (or `inputs_embeds` (B, T, D), e.g. for prompt tuning).
         positions: (B, T) position ids; default: counting real tokens (attention_mask) from each row's start,
-            continuing from the cache when one is given.
+            continuing from the cache when one is given. With a prefix of P virtual tokens, P is added.
         attention_mask: (B, T) with 1 for real tokens and 0 for padding, or, without a cache, a full boolean
             mask (B, T, T) / (B, 1, T, T) where True = may attend (packed documents, prefixes).
         kv_cache: a KVCache; this call's keys/values are appended to each row.
+        use_prefix: False runs without `self.prefix` (a prompt-tuning prefix computes itself this way).
         """
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, T, _ = x.shape
         pad_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
         if pad_mask is not None:
             pad_mask = pad_mask.bool()
+        prefix = self.prefix(B) if self.prefix is not None and use_prefix else None  # [(k, v)] per layer
+        n_prefix = prefix[0][0].shape[2] if prefix is not None else 0
         if positions is None:
             positions = self._default_positions(B, T, pad_mask, kv_cache, x.device)
+        if n_prefix:
+            positions = positions + n_prefix  # the virtual tokens take positions 0..P-1
 
         if self.embed_positions is not None:
             x = x + self.embed_positions(positions)
@@ -93,12 +102,15 @@ class Transformer(nn.Module):
         rope = self.rope(positions, x.dtype) if self.rope is not None else None
 
         masks = self._masks(B, T, attention_mask, pad_mask, kv_cache, x.device)
+        if n_prefix:
+            masks = {w: _with_prefix(m, n_prefix, positions, w) for w, m in masks.items()}
         for i, layer in enumerate(self.layers):
             mask = masks[self.config.window_for_layer(i)]
+            layer_prefix = prefix[i] if prefix is not None else None
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(layer, x, rope, mask, None, use_reentrant=False)
+                x = checkpoint(layer, x, rope, mask, None, layer_prefix, use_reentrant=False)
             else:
-                x = layer(x, rope, mask, kv_cache)
+                x = layer(x, rope, mask, kv_cache, layer_prefix)
         if kv_cache is not None:
             kv_cache.commit(pad_mask.sum(-1) if pad_mask is not None else torch.full_like(kv_cache.seen, T))
         return self.norm(x)
@@ -172,3 +184,27 @@ class Transformer(nn.Module):
             seen.add(id(p))
             total += p.numel()
         return total
+
+
+def _with_prefix(mask, n_prefix: int, positions: torch.Tensor, window: int | None) -> torch.Tensor | None:
+    """Prepend the prefix's key columns (positions 0..P-1): (B, 1, T, S) -> (B, 1, T, P + S).
+
+    A query at position p sees prefix key j iff p - j < window, as if the P virtual tokens sat before the
+    input (what transformers computes for prompt tuning and for a prefix held in its cache).
+    """
+    B, T = positions.shape
+    cols = torch.arange(n_prefix, device=positions.device)
+    if window is None:
+        seen = torch.ones(B, 1, T, n_prefix, dtype=torch.bool, device=positions.device)
+    else:
+        seen = (positions[:, None, :, None] - cols) < window  # (B, 1, T, P)
+    if mask is None:
+        if T == 1 and (window is None or bool(seen.all())):
+            return None  # one query that sees every key, the prefix included
+        if T == 1:  # a decode step over a full cache without padding: every real key is visible
+            n_keys = int(positions[0, 0]) - n_prefix + 1
+            mask = torch.ones(1, 1, 1, n_keys, dtype=torch.bool, device=positions.device)
+        else:
+            mask = torch.ones(T, T, dtype=torch.bool, device=positions.device).tril()[None, None]  # causal
+    n = max(B, mask.shape[0])
+    return torch.cat([seen.expand(n, 1, T, n_prefix), mask.expand(n, 1, T, mask.shape[-1])], dim=-1)

@@ -42,6 +42,7 @@ class KVCache:
         self.batch_size, self.max_len = batch_size, max_len
         self.static = static
         self._pending: tuple[int | None, torch.Tensor | None, int] | None = None
+        self._parent: tuple[KVCache, int] | None = None  # set on a view(): (the cache, first row)
 
     @classmethod
     def for_model(cls, model, batch_size: int, max_len: int, static: bool = False) -> KVCache:
@@ -56,6 +57,21 @@ class KVCache:
         cache.keys, cache.values, cache.valid, cache.lengths, cache.seen = keys, values, valid, lengths, seen
         cache.batch_size, cache.max_len = valid.shape
         cache.static, cache._pending, cache._host_lengths, cache.all_valid = True, None, [], False
+        cache._parent = None
+        return cache
+
+    def view(self, start: int, stop: int, all_valid: bool = False) -> KVCache:
+        """Rows start..stop-1 as a cache that shares this one's storage: a forward over the view writes
+        into these rows. A server steps only the rows in use (continuous batching) this way.
+        all_valid: the caller knows these rows have no padding or reset slot below their lengths."""
+        cache = KVCache.__new__(KVCache)
+        cache.keys = [k[start:stop] for k in self.keys]  # slicing dim 0: views, not copies
+        cache.values = [v[start:stop] for v in self.values]
+        cache.valid, cache.lengths = self.valid[start:stop], self.lengths[start:stop]
+        cache.seen = self.seen[start:stop]
+        cache._host_lengths = self._host_lengths[start:stop]
+        cache.all_valid, cache.batch_size, cache.max_len = all_valid, stop - start, self.max_len
+        cache.static, cache._pending, cache._parent = False, None, (self, start)
         return cache
 
     def tensors(self) -> tuple:
@@ -114,6 +130,9 @@ class KVCache:
             self._host_lengths = [n + n_new for n in self._host_lengths]
         self.seen += n_real
         self._pending = None
+        if self._parent is not None:  # a view: the parent's host mirror follows
+            parent, start = self._parent
+            parent._host_lengths[start : start + self.batch_size] = self._host_lengths
 
     # ---------------------------------------------------------------------------------------------
     # Slot management (continuous batching, prefix caching).

@@ -1,7 +1,8 @@
 """Training checkpoints: `run_dir/step-XXXXXXXX/`, written atomically, never unpickled.
 
     step-00001000/
-        config.json, model.safetensors    the model in Hugging Face layout (lmforge.model.save_model)
+        config.json, model.safetensors    the model in Hugging Face layout (lmforge.model.save_model), or
+        trainable.safetensors             when adapters wrap the model (PEFT): the trained parameters only
         tokenizer.json, ...               the data's tokenizer, when the shard folder has one
         optimizer.safetensors             AdamW moments and step counts, keyed "<param fqn>/<name>"
         trainer_state.json                step, data position, scheduler, grad scaler, param groups, config
@@ -28,9 +29,15 @@ import torch
 from torch import nn
 
 MARKER = "COMPLETE"
+TRAINABLE = "trainable.safetensors"  # PEFT runs: the trained parameters only, by module path
 STATE = "trainer_state.json"
 OPTIMIZER = "optimizer.safetensors"
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
+
+
+def trainable_names(model: nn.Module) -> list[str]:
+    """State-dict names of the parameters that train (shared parameters once)."""
+    return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
 def step_dir_name(step: int) -> str:
@@ -226,13 +233,17 @@ def save_checkpoint(
     tensors, meta = rng_state()
     _save_tensors(tmp / f"rng-rank{ctx.rank:05d}.safetensors", tensors, meta)
     if ctx.is_main:
-        # save_model wants a Transformer; build one around the gathered full tensors (no copy, no init)
         with torch.device("meta"):
             full = Transformer(inner.config)
-        full.load_state_dict(model_sd, assign=True)
-        if inner.config.tie_embeddings:
-            full.lm_head.weight = full.embed_tokens.weight
-        save_model(full, tmp)
+        if set(model_sd) == set(full.state_dict()):
+            # save_model wants a Transformer; build one around the gathered full tensors (no copy, no init)
+            full.load_state_dict(model_sd, assign=True)
+            if inner.config.tie_embeddings:
+                full.lm_head.weight = full.embed_tokens.weight
+            save_model(full, tmp)
+        else:  # adapters wrap the model (PEFT): only what is trained goes into the checkpoint
+            names = trainable_names(inner)
+            _save_tensors(tmp / TRAINABLE, {n: model_sd[n] for n in names})
         if tokenizer_dir is not None and tokenizer_dir.is_dir():
             for f in tokenizer_dir.iterdir():
                 if f.is_file() and not f.name.startswith("."):
@@ -282,11 +293,20 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         )
     inner = unwrap(model)
     config = inner.config
-    model_sd = from_hf_state_dict(read_safetensors(safetensors_files(path)), config)
-    if config.tie_embeddings:
-        model_sd["lm_head.weight"] = model_sd["embed_tokens.weight"]
+    if (path / TRAINABLE).is_file():  # a PEFT run: the trained tensors only, the rest is the base model
+        model_sd, _ = _load_tensors(path / TRAINABLE)
+        missing = sorted(set(trainable_names(inner)) - set(model_sd))
+        if missing:
+            raise ValueError(
+                f"{path}: {TRAINABLE} lacks {', '.join(missing[:5])}; was the run's model changed?"
+            )
+        set_model_state_dict(inner, model_sd, options=StateDictOptions(full_state_dict=True, strict=False))
+    else:
+        model_sd = from_hf_state_dict(read_safetensors(safetensors_files(path)), config)
+        if config.tie_embeddings:
+            model_sd["lm_head.weight"] = model_sd["embed_tokens.weight"]
+        set_model_state_dict(inner, model_sd, options=StateDictOptions(full_state_dict=True))
     options = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(inner, model_sd, options=options)
     opt_tensors, _ = _load_tensors(path / OPTIMIZER)
     set_optimizer_state_dict(inner, optimizer, _unflatten_optimizer(opt_tensors, state["optimizer_param_groups"]),
                              options=options)  # fmt: skip

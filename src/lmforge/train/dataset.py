@@ -20,6 +20,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -225,6 +226,26 @@ class TrainBatches:
                 f"the checkpoint was trained with seq_len={state['seq_len']}, not {self.windows.seq_len}"
             )
         self.position = int(state["position"])
+
+
+class BatchLoader(Protocol):
+    def next(self) -> dict: ...  # one micro-batch of this rank: {"input_ids": (B, T), "labels": (B, T), ...}
+    def state_dict(self) -> dict: ...  # JSON-serialisable position in the stream (saved in checkpoints)
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class BatchSource(Protocol):
+    """Training data other than token windows (e.g. SFT examples), as the trainer's `data=` argument.
+
+    Batches are dicts of CPU tensors the objective understands; the trainer moves them to the device.
+    """
+
+    seq_len: int  # nominal tokens per sequence: tokens_seen and MFU count micro_batch_size * seq_len
+    has_validation: bool
+
+    def loader(self, micro_batch_size: int, rank: int, world_size: int, seed: int) -> BatchLoader: ...
+
+    def val_batches(self, micro_batch_size: int, n_sequences: int, rank: int, world_size: int): ...
 
 
 def val_batches(

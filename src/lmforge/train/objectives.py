@@ -4,7 +4,7 @@ An objective gets the (possibly wrapped) model, which answers `model(input_ids, 
 with hidden states (B, T, D) and `model.logits(hidden)` with (…, V), and a batch dict of tensors on the
 model's device. It returns a scalar loss (the mean over what it counts) and a dict of scalar metrics;
 a metric `n_tokens` weights the batch when the trainer averages evaluation losses.
-New objectives (SFT with masked labels, masked LM, reward, DPO, distillation) register in OBJECTIVES.
+New objectives (masked LM, reward, DPO, distillation) register in OBJECTIVES.
 torch is imported inside the functions, so the CLI lists the objectives' options without loading it.
 """
 
@@ -72,7 +72,51 @@ class CausalLM:
         return loss_sum / n.clamp(min=1), {"n_tokens": n}
 
 
-OBJECTIVES: dict[str, type] = {"causal_lm": CausalLM}
+@dataclass
+class SFT(CausalLM):
+    """Supervised fine-tuning: the causal LM loss on the labels the data keeps (completion / assistant tokens;
+    prompts and padding are -100), with padded rows (`attention_mask` (B, T)) or packed ones (`positions` and
+    a block-diagonal mask). See lmforge.finetune.sft."""
+
+
+def last_token_hidden(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """(B, T, D) -> (B, D): each row's last real token (right padding; a left-padded row ends at T - 1)."""
+    import torch
+
+    if attention_mask is None or attention_mask.dim() != 2:
+        return hidden[:, -1]
+    T = attention_mask.shape[1]
+    idx = torch.arange(T, device=hidden.device)
+    last = torch.where(attention_mask.bool(), idx, -1).amax(-1).clamp(min=0)  # (B,)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+@dataclass
+class SequenceClassification:
+    """Cross-entropy of `labels` (B,) from the last real token's hidden state through the model's `score`
+    head (D -> num_labels, no bias, as transformers' *ForSequenceClassification). Metric: accuracy."""
+
+    def __call__(self, model, batch):
+        import torch.nn.functional as F
+
+        hidden = model(
+            batch["input_ids"], positions=batch.get("positions"), attention_mask=batch.get("attention_mask")
+        )
+        inner = getattr(model, "module", model)  # DDP
+        logits = inner.score(last_token_hidden(hidden, batch.get("attention_mask"))).float()  # (B, C)
+        loss = F.cross_entropy(logits, batch["labels"])
+        accuracy = (logits.argmax(-1) == batch["labels"]).float().mean()
+        return loss, {
+            "accuracy": accuracy.detach(),
+            "n_tokens": batch["labels"].new_tensor(batch["labels"].shape[0]),
+        }
+
+
+OBJECTIVES: dict[str, type] = {
+    "causal_lm": CausalLM,
+    "sft": SFT,
+    "sequence_classification": SequenceClassification,
+}
 
 
 def build_objective(name: str, options: dict) -> Objective:

@@ -34,6 +34,7 @@ from lmforge.train import checkpoint as ckpt
 from lmforge.train import distributed
 from lmforge.train.config import ConfigError, TrainConfig, config_from_dict, load_config
 from lmforge.train.dataset import (
+    BatchSource,
     TokenWindows,
     TrainBatches,
     document_mask,
@@ -128,6 +129,12 @@ def _to_batch(arr: np.ndarray, device: torch.device, eos_id: int | None, mask_do
     return batch
 
 
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {
+        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+    }
+
+
 def _precision(name: str, device: torch.device) -> str:
     if name != "auto":
         return name
@@ -197,12 +204,18 @@ def train(
     out_dir: str | Path | None = None,
     model=None,
     objective: Objective | None = None,
+    data: BatchSource | None = None,
+    eval_fn=None,
 ) -> TrainResult:
     """Train (or resume) the run described by `config` in `out_dir` (default: config.out_dir).
 
     model: a `Transformer` to train instead of building one from `config.model` (e.g. with some
         parameters frozen: the optimiser only sees those with requires_grad).
     objective: an Objective instance instead of `config.objective` (one not in OBJECTIVES).
+    data: batches of another kind than token windows (e.g. SFT examples): a `BatchSource`; `config.data`
+        is then not read.
+    eval_fn: `eval_fn(model) -> dict` of further validation metrics (e.g. exact match of generations),
+        called after each evaluation (on every rank) and logged with it.
     Under torchrun every process calls this; the process group is created here unless one exists.
     """
     cfg = _as_config(config)
@@ -216,14 +229,15 @@ def train(
         raise ConfigError("train.tensorboard=true needs the tensorboard package (pip install tensorboard)")
     ctx = distributed.setup(cfg.train.device, cfg.dist.backend)
     try:
-        return _train(cfg, ctx, model, objective)
+        return _train(cfg, ctx, model, objective, data, eval_fn)
     finally:
         ctx.close()
 
 
-def _train(cfg: TrainConfig, ctx: distributed.DistContext, model, objective) -> TrainResult:
+def _train(cfg: TrainConfig, ctx: distributed.DistContext, model, objective, data, eval_fn) -> TrainResult:
     t, device = cfg.train, ctx.device
     run_dir = Path(cfg.out_dir)
+    label = getattr(data, "label", None) or "pretrain"  # names the run in messages and the progress bar
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
@@ -231,19 +245,25 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext, model, objective) -> 
     _seed_everything(t.seed + ctx.rank)  # dropout differs per rank; restored from the checkpoint on resume
 
     # ---- build
-    meta = read_meta(cfg.data.path) if cfg.data.path is not None else None
+    meta = read_meta(cfg.data.path) if cfg.data.path is not None and data is None else None
     if model is None:
         model = build_model(cfg, meta)
     _check_fits(cfg, model, meta)
     mcfg = model.config
     eos_id = meta.get("eos_id") if meta is not None else (mcfg.eos_ids[0] if mcfg.eos_ids else 0)
-    train_tokens, val_tokens = load_data(cfg, mcfg.vocab_size, eos_id)
     data_seed = t.seed if cfg.data.seed is None else cfg.data.seed
-    loader = TrainBatches(TokenWindows(train_tokens, cfg.data.seq_len, data_seed), t.micro_batch_size,
-                          ctx.rank, ctx.world_size)  # fmt: skip
-    val_windows = TokenWindows(val_tokens, cfg.data.seq_len) if val_tokens is not None else None
-    if val_windows is not None and val_windows.n_windows < ctx.world_size:
-        val_windows = None
+    if data is None:
+        train_tokens, val_tokens = load_data(cfg, mcfg.vocab_size, eos_id)
+        loader = TrainBatches(TokenWindows(train_tokens, cfg.data.seq_len, data_seed), t.micro_batch_size,
+                              ctx.rank, ctx.world_size)  # fmt: skip
+        val_windows = TokenWindows(val_tokens, cfg.data.seq_len) if val_tokens is not None else None
+        if val_windows is not None and val_windows.n_windows < ctx.world_size:
+            val_windows = None
+        seq_len = cfg.data.seq_len
+    else:
+        loader = data.loader(t.micro_batch_size, ctx.rank, ctx.world_size, data_seed)
+        val_windows = data if data.has_validation else None
+        seq_len = data.seq_len
 
     model.to(device)
     model.train()
@@ -272,9 +292,9 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext, model, objective) -> 
         if scaler is not None and state.get("grad_scaler"):
             scaler.load_state_dict(state["grad_scaler"])
     global_batch = t.micro_batch_size * t.grad_accum_steps * ctx.world_size
-    tokens_per_step = global_batch * cfg.data.seq_len
+    tokens_per_step = global_batch * seq_len
     decay_steps = t.lr_decay_steps if t.lr_decay_steps is not None else t.max_steps
-    fpt = flops_per_token(n_matmul, mcfg.n_layer, mcfg.n_head, mcfg.head_dim, cfg.data.seq_len)
+    fpt = flops_per_token(n_matmul, mcfg.n_layer, mcfg.n_head, mcfg.head_dim, seq_len)
     peak = device_peak_flops(device)
 
     log = MetricsLog(run_dir, step, t.tensorboard) if ctx.is_main else None
@@ -283,10 +303,10 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext, model, objective) -> 
         from tqdm.auto import tqdm
 
         where = f"resuming from {resumed_from.name}" if resumed_from else "starting"
-        print(f"pretrain: {where}; {n_params / 1e6:.2f} M parameters, world size {ctx.world_size}, "
-              f"global batch {global_batch} x {cfg.data.seq_len} tokens, precision {precision}, "
+        print(f"{label}: {where}; {n_params / 1e6:.2f} M parameters, world size {ctx.world_size}, "
+              f"global batch {global_batch} x {seq_len} tokens, precision {precision}, "
               f"run folder {run_dir}", file=sys.stderr)  # fmt: skip
-        bar = tqdm(total=t.max_steps, initial=min(step, t.max_steps), disable=not t.progress, desc="pretrain",
+        bar = tqdm(total=t.max_steps, initial=min(step, t.max_steps), disable=not t.progress, desc=label,
                    unit="step", dynamic_ncols=True, mininterval=0.5, file=sys.stderr)  # fmt: skip
 
     def save(at: int, elapsed: float) -> Path:
@@ -301,6 +321,8 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext, model, objective) -> 
             "config": cfg.to_dict(),
         }  # fmt: skip
         tokenizer_dir = Path(cfg.data.path) / "tokenizer" if cfg.data.path is not None else None
+        if data is not None:
+            tokenizer_dir = getattr(data, "tokenizer_dir", None)
         return ckpt.save_checkpoint(
             run_dir, at, wrapped, optimizer, trainer_state, ctx, t.keep_last, tokenizer_dir
         )
@@ -310,14 +332,17 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext, model, objective) -> 
             return None
         wrapped.eval()
         total = torch.zeros(2, dtype=torch.float64, device=device)
+        if data is None:
+            batches = (_to_batch(arr, device, eos_id, cfg.data.mask_documents) for arr in
+                       val_batches(val_windows, t.micro_batch_size, t.eval_sequences, ctx.rank, ctx.world_size))  # fmt: skip
+        else:
+            batches = (_to_device(b, device) for b in
+                       data.val_batches(t.micro_batch_size, t.eval_sequences, ctx.rank, ctx.world_size))  # fmt: skip
         with torch.no_grad():
-            for arr in val_batches(
-                val_windows, t.micro_batch_size, t.eval_sequences, ctx.rank, ctx.world_size
-            ):
-                batch = _to_batch(arr, device, eos_id, cfg.data.mask_documents)
+            for batch in batches:
                 with _autocast(precision, device):
                     loss, metrics = objective(wrapped, batch)
-                weight = metrics.get("n_tokens", arr.shape[0])
+                weight = metrics.get("n_tokens", batch["input_ids"].shape[0])
                 total[0] += loss.double() * weight
                 total[1] += weight
         wrapped.train()
@@ -340,7 +365,10 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext, model, objective) -> 
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             extra: dict[str, float] = {}
             for micro in range(t.grad_accum_steps):
-                batch = _to_batch(loader.next(), device, eos_id, cfg.data.mask_documents)
+                if data is None:
+                    batch = _to_batch(loader.next(), device, eos_id, cfg.data.mask_documents)
+                else:
+                    batch = _to_device(loader.next(), device)
                 with distributed.gradient_sync(wrapped, micro == t.grad_accum_steps - 1):
                     with _autocast(precision, device):
                         loss, metrics = objective(wrapped, batch)
@@ -388,13 +416,24 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext, model, objective) -> 
                     bar.write(f"warning: step {step}: loss is {last_loss}")
 
             final = step == t.max_steps
-            if val_windows is not None and (final or (t.eval_every and step % t.eval_every == 0)):
+            if (val_windows is not None or eval_fn is not None) and (
+                final or (t.eval_every and step % t.eval_every == 0)
+            ):
                 last_val = evaluate()
                 evaluated_at = step
-                if ctx.is_main and last_val is not None:
-                    log.log({"step": step, "val_loss": last_val, "val_perplexity": perplexity(last_val)})
+                more = {}
+                if eval_fn is not None:
+                    wrapped.eval()
+                    more = eval_fn(distributed.unwrap(wrapped)) or {}
+                    wrapped.train()
+                if ctx.is_main and (last_val is not None or more):
+                    shown = [f"{k} {v:.4f}" for k, v in more.items() if isinstance(v, float)]
+                    if last_val is not None:
+                        more = {"val_loss": last_val, "val_perplexity": perplexity(last_val), **more}
+                        shown.insert(0, f"val_loss {last_val:.4f}, perplexity {perplexity(last_val):.2f}")
+                    log.log({"step": step, **more})
                     log.plot()
-                    bar.write(f"step {step}: val_loss {last_val:.4f}, perplexity {perplexity(last_val):.2f}")
+                    bar.write(f"step {step}: {', '.join(shown)}")
             if final or stop_requested or (t.save_every and step % t.save_every == 0):
                 save(step, elapsed_before + time.perf_counter() - start_time)
                 saved_at = step
@@ -413,7 +452,7 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext, model, objective) -> 
             log.plot()
         log.close()
         if interrupted is not None:
-            print(f"pretrain: stopped by {interrupted} at step {step}; checkpoint saved. "
+            print(f"{label}: stopped by {interrupted} at step {step}; checkpoint saved. "
                   "Rerun the same command to resume.", file=sys.stderr)  # fmt: skip
     latest = ckpt.latest_checkpoint(run_dir)
     return TrainResult(

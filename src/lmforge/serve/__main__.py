@@ -1,0 +1,5 @@
+import sys
+
+from lmforge.serve.cli import main
+
+sys.exit(main())
