@@ -115,3 +115,31 @@ def test_download_offline_is_one_line_error(tmp_path, monkeypatch, capsys):
     assert main(["download", "nobody/nothing", "--out", str(tmp_path)]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "download failed" in err
+
+
+def test_generate_and_score_with_adapter(checkpoints, tmp_path, capsys):
+    import torch
+
+    from lmforge.finetune import LoraConfig, add_lora, save_adapter
+    from lmforge.model import load_model
+
+    folder = str(checkpoints["llama"][0])
+    model = load_model(folder, device="cpu")
+    add_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    with torch.no_grad():  # a trained-looking adapter: B nonzero, so it changes the outputs
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    save_adapter(model, tmp_path / "ad")
+
+    def score(*extra):
+        assert main(["score", "--model", folder, "--text", "The quick brown fox", "--json", *extra]) == 0
+        return json.loads(capsys.readouterr().out)["logprobs"]
+
+    base, adapted = score(), score("--adapter", f"mine={tmp_path / 'ad'}")
+    assert base[1:] != adapted[1:]
+    assert main(["generate", "--model", folder, "--prompt", "Pack", "--adapter", str(tmp_path / "ad"),
+                 "--max-new-tokens", "3", "--temperature", "0", "--json"]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["usage"]["completion_tokens"] == 3
+    assert main(["score", "--model", folder, "--text", "x y", "--adapter", str(tmp_path / "missing")]) == 1
+    assert "is not a folder" in capsys.readouterr().err

@@ -14,7 +14,13 @@ import sys
 import textwrap
 from collections.abc import Callable, Sequence
 
-_PLUGINS: list[str] = ["lmforge.data.cli", "lmforge.train.cli", "lmforge.rag.cli", "lmforge.serve.cli"]  # modules with register(subparsers)
+_PLUGINS: list[str] = [
+    "lmforge.data.cli",
+    "lmforge.train.cli",
+    "lmforge.finetune.cli",
+    "lmforge.rag.cli",
+    "lmforge.serve.cli",
+]  # modules with register(subparsers)
 
 
 class CLIError(Exception):
@@ -45,6 +51,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights dtype (default: float32 on CPU, the checkpoint's dtype on GPU)")  # fmt: skip
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: the best available)")
+    p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR",
+                   help="a PEFT-format adapter folder to apply (repeatable; their updates add up)")  # fmt: skip
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -90,9 +98,15 @@ def _sampling_params(args, gen_config: dict, default_max: int):
 def _load(args, require_tokenizer: bool = True):
     from lmforge.pretrained import load_pretrained
 
-    return load_pretrained(
+    pre = load_pretrained(
         args.model, dtype=args.dtype, device=args.device, require_tokenizer=require_tokenizer
     )
+    if args.adapter:
+        from lmforge.finetune import adapter_tokenizer, apply_adapters
+
+        apply_adapters(pre.model, args.adapter)
+        pre.tokenizer = adapter_tokenizer(args.adapter, pre.tokenizer)
+    return pre
 
 
 def _encode_prompt(tokenizer, text: str, chat: bool, system: str | None = None) -> list[int]:
@@ -356,9 +370,13 @@ def cmd_download(args) -> int:
         raise CLIError("downloading needs the huggingface_hub package: pip install huggingface_hub") from None
     patterns = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]  # never pickles (.bin, .pt)
     try:
-        path = snapshot_download(args.repo, revision=args.revision, local_dir=args.out, allow_patterns=patterns)
+        path = snapshot_download(
+            args.repo, revision=args.revision, local_dir=args.out, allow_patterns=patterns
+        )
     except Exception as e:  # the hub client raises many types; one line for each
-        raise CLIError(f"{args.repo}: download failed ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise CLIError(
+            f"{args.repo}: download failed ({type(e).__name__}: {str(e).splitlines()[0]})"
+        ) from None
     print(path)
     return 0
 
@@ -481,7 +499,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
-    except (CLIError, ValueError, OSError) as e:  # CheckpointError is a ValueError
+    except (CLIError, ValueError, OSError) as e:  # CheckpointError and AdapterError are ValueErrors
         print(f"lmforge {args.command}: error: {e}", file=sys.stderr)
         return 1
 

@@ -14,7 +14,6 @@ line as --section.key=VALUE, as for `lmforge pretrain`.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import fnmatch
 import json
@@ -27,7 +26,15 @@ from typing import Any
 import yaml
 
 from lmforge.finetune.config import BottleneckConfig, LoraConfig, PrefixConfig, PromptConfig
-from lmforge.train.config import ConfigError, TrainSection, _coerce, _field_comments, parse_overrides
+from lmforge.train.config import (
+    ConfigError,
+    TrainSection,
+    _coerce,
+    _field_comments,
+    apply_overrides,
+    parse_overrides,
+    read_yaml,
+)
 
 METHODS = ("full", "lora", "dora", "adapter", "prefix", "prompt")
 TASKS = ("sft", "classification")
@@ -190,43 +197,14 @@ def validate(cfg: FinetuneConfig) -> None:
             raise ConfigError(message)
 
 
-def apply_overrides(values: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    values = copy.deepcopy(values or {})
-    for key, value in overrides.items():
-        if isinstance(value, str):
-            value = yaml.safe_load(value) if value.strip() else value
-        parts = key.split(".")
-        if parts[0] not in _SECTIONS and not (len(parts) == 1 and parts[0] in _SCALARS):
-            raise ConfigError(f"--{key}: unknown key; expected one of {', '.join([*_SCALARS, *_SECTIONS])}")
-        node = values
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--{key}: {part} is not a section")
-        node[parts[-1]] = value
-    return values
-
-
 def load_finetune_config(
     path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None
 ) -> FinetuneConfig:
     """A recipe (or the defaults) with `--section.key=value` overrides applied, type-checked."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: no such config file")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    values = read_yaml(path)
     if overrides:
-        values = apply_overrides(values, parse_overrides(overrides))
+        values = apply_overrides(values, parse_overrides(overrides), _SECTIONS, _SCALARS)
     return config_from_dict(values)
-
-
-# --------------------------------------------------------------------------------------------------
-# Building the model
 
 
 def set_trainable(model, trainable: list[str] | None, freeze: list[str]) -> None:

@@ -215,6 +215,22 @@ def resolve_dtype(
     return DTYPES[checkpoint_dtype]
 
 
+def check_weights(path: Path, model, state: dict[str, torch.Tensor], what: str, optional=frozenset()) -> None:
+    """Raise a one-line CheckpointError unless `state` has exactly the (meta) model's tensors and shapes."""
+    expected = set(model.state_dict()) - set(optional)
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: weights do not match {what}"
+            + (f"; missing: {', '.join(missing[:5])}" if missing else "")
+            + (f"; unexpected: {', '.join(unexpected[:5])}" if unexpected else "")
+        )
+    for name, t in state.items():
+        want = model.get_parameter(name).shape
+        if t.shape != want:
+            raise CheckpointError(f"{path}: {name} has shape {tuple(t.shape)}, config implies {tuple(want)}")
+
+
 def load_model(
     path: str | Path,
     dtype: str | torch.dtype | None = None,
@@ -233,20 +249,8 @@ def load_model(
     state = from_hf_state_dict(hf_tensors, config)
     with torch.device("meta"):
         model = Transformer(config)
-    expected = set(model.state_dict())
-    if config.tie_embeddings:
-        expected.discard("lm_head.weight")
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{path}: weights do not match a {config.model_type} model"
-            + (f"; missing: {', '.join(missing[:5])}" if missing else "")
-            + (f"; unexpected: {', '.join(unexpected[:5])}" if unexpected else "")
-        )
-    for name, t in state.items():
-        want = model.get_parameter(name).shape
-        if t.shape != want:
-            raise CheckpointError(f"{path}: {name} has shape {tuple(t.shape)}, config implies {tuple(want)}")
+    tied = {"lm_head.weight"} if config.tie_embeddings else set()
+    check_weights(path, model, state, f"a {config.model_type} model", tied)
     state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_embeddings:
@@ -422,18 +426,7 @@ def load_encoder(
     dtype = resolve_dtype(dtype, device, hf_config.get("torch_dtype") or hf_config.get("dtype"))
     with torch.device("meta"):
         model = Encoder(config)
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{path}: weights do not match a BERT encoder"
-            + (f"; missing: {', '.join(missing[:5])}" if missing else "")
-            + (f"; unexpected: {', '.join(unexpected[:5])}" if unexpected else "")
-        )
-    for name, t in state.items():
-        want = model.get_parameter(name).shape
-        if t.shape != want:
-            raise CheckpointError(f"{path}: {name} has shape {tuple(t.shape)}, config implies {tuple(want)}")
+    check_weights(path, model, state, "a BERT encoder")
     model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, assign=True)
     return model.eval()
 

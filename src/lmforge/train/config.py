@@ -303,19 +303,24 @@ def parse_overrides(args: list[str] | dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def apply_overrides(values: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Set dotted keys in a nested dict (a copy); values given as text are parsed as YAML scalars."""
+def apply_overrides(
+    values: dict[str, Any],
+    overrides: dict[str, Any],
+    sections: tuple[str, ...] | None = None,
+    scalars: tuple[str, ...] = ("out_dir",),
+) -> dict[str, Any]:
+    """Set dotted keys in a nested dict (a copy); values given as text are parsed as YAML scalars.
+    A key must start with one of `sections` (default: the training config's) or be one of `scalars`."""
     import copy
 
+    sections = tuple(SECTIONS) if sections is None else sections
     values = copy.deepcopy(values or {})
     for key, value in overrides.items():
         if isinstance(value, str):
             value = yaml.safe_load(value) if value.strip() else value
         parts = key.split(".")
-        if parts[0] not in SECTIONS and parts != ["out_dir"]:
-            raise ConfigError(
-                f"--{key}: unknown section {parts[0]!r}; expected {', '.join(SECTIONS)}, out_dir"
-            )
+        if parts[0] not in sections and not (len(parts) == 1 and parts[0] in scalars):
+            raise ConfigError(f"--{key}: unknown key; expected one of {', '.join([*scalars, *sections])}")
         node = values
         for part in parts[:-1]:
             node = node.setdefault(part, {})
@@ -325,19 +330,24 @@ def apply_overrides(values: dict[str, Any], overrides: dict[str, Any]) -> dict[s
     return values
 
 
+def read_yaml(path: str | Path | None) -> dict[str, Any]:
+    """A YAML config file as a dict ({} for None), with one-line errors naming the file."""
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+
+
 def load_config(
     path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None
 ) -> TrainConfig:
     """Read a YAML config (or start from the defaults) and apply `--section.key=value` overrides."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: no such config file")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    values = read_yaml(path)
     if overrides:
         values = apply_overrides(values, parse_overrides(overrides))
     return config_from_dict(values)
