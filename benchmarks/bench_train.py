@@ -42,6 +42,9 @@ def worker(engine: str, folder: str, batch: int, seq: int, steps: int, warmup: i
 
         model = load_model(folder, dtype="float32", device="cpu")
         objective = CausalLM(chunk_size=256)
+        if engine == "lmforge-compiled":  # what train.compile=true does: torch.compile of each block
+            for i, block in enumerate(model.layers):
+                model.layers[i] = torch.compile(block)
 
         def loss_fn(x):
             labels = x[:, 1:].clone()
@@ -77,6 +80,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--compile", action="store_true", help="also time lmforge with compiled blocks")
     ap.add_argument("--json", default=None)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--folder", default=None, help=argparse.SUPPRESS)
@@ -91,7 +95,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         torch.manual_seed(0)
         AutoModelForCausalLM.from_config(LlamaConfig(**CONFIG)).save_pretrained(folder)
-        for engine in ("transformers", "lmforge"):
+        for engine in ("transformers", "lmforge", *(["lmforge-compiled"] if args.compile else [])):
             cmd = [sys.executable, __file__, "--worker", engine, "--folder", folder, "--batch", str(args.batch),
                    "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup)]  # fmt: skip
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
@@ -107,6 +111,10 @@ def main() -> None:
           f"{ours['peak_rss_mib'] / theirs['peak_rss_mib']:>7.2f}x")  # fmt: skip
     print(f"  first losses: lmforge {[round(x, 4) for x in ours['first_losses']]}, "
           f"transformers {[round(x, 4) for x in theirs['first_losses']]}")  # fmt: skip
+    if "lmforge-compiled" in results:
+        comp = results["lmforge-compiled"]
+        print(f"  {'compiled tok/s':16}{comp['tokens_per_s']:>12.0f}{theirs['tokens_per_s']:>14.0f}"
+              f"{comp['tokens_per_s'] / theirs['tokens_per_s']:>7.2f}x   (peak RSS {comp['peak_rss_mib']:.0f} MiB)")  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
