@@ -16,7 +16,6 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
 
 from lmforge.finetune.cli import register
 from lmforge.generate import SamplingParams, generate
@@ -25,13 +24,7 @@ WORDS = "cat dog fox owl bee ant cow pig hen elk yak emu".split()
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: intra-op threads only contend (11 ms vs ~200 ms a step)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _lists(rng, n):

