@@ -130,7 +130,7 @@ def sample(
     return (probs / noise).argmax(-1)
 
 
-def _top_alternatives(logprobs: torch.Tensor, k: int) -> list[dict[int, float]]:
+def top_alternatives(logprobs: torch.Tensor, k: int) -> list[dict[int, float]]:
     values, ids = logprobs.topk(k, dim=-1)
     return [dict(zip(i.tolist(), v.tolist())) for i, v in zip(ids, values)]
 
@@ -226,7 +226,7 @@ class Decoder:
             start = ids.shape[1] - n  # first real token
             r.prompt_logprobs = [None] + target[b, start:].tolist()
             if k:
-                r.prompt_top_logprobs = [None] + _top_alternatives(logprobs[b, start:], k)
+                r.prompt_top_logprobs = [None] + top_alternatives(logprobs[b, start:], k)
 
     def _emit(self, logits: torch.Tensor) -> None:
         """Choose the next token of every live row from its last logits (B, V)."""
@@ -236,7 +236,7 @@ class Decoder:
         if p.logprobs:
             logprobs = F.log_softmax(logits.float(), dim=-1)
             chosen = logprobs.gather(-1, tokens[:, None])[:, 0].tolist()
-            alternatives = _top_alternatives(logprobs, p.top_logprobs) if p.top_logprobs else None
+            alternatives = top_alternatives(logprobs, p.top_logprobs) if p.top_logprobs else None
             for b, row in enumerate(self.batch_rows):
                 if row in self.live:
                     self.results[row].logprobs.append(chosen[b])
@@ -321,14 +321,14 @@ def _compiled(model: Transformer, cache: KVCache):
 # Public entry points
 
 
-def _eos_ids(model: Transformer, tokenizer) -> list[int]:
+def stop_ids_of(model: Transformer, tokenizer) -> list[int]:
     ids = set(model.config.eos_ids)
     if tokenizer is not None:
         ids |= set(getattr(tokenizer, "eos_ids", ()) or ())
     return sorted(ids)
 
 
-def _pad_id(model: Transformer, tokenizer) -> int:
+def pad_id_of(model: Transformer, tokenizer) -> int:
     for candidate in (getattr(tokenizer, "pad_id", None), model.config.pad_token_id, *model.config.eos_ids):
         if candidate is not None:
             return candidate
@@ -352,7 +352,7 @@ def _safe_prefix_len(text: str, stops: Sequence[str]) -> int:
     return len(text) - hold
 
 
-class _RowText:
+class RowText:
     """The text of one row as it grows: incremental detokenisation (with the prompt as context, so a
     SentencePiece word keeps its leading space), stop strings, and text held back that may begin one."""
 
@@ -389,8 +389,8 @@ def generate_stream(
     params = params or SamplingParams()
     if params.stop and tokenizer is None:
         raise ValueError("stop strings need a tokenizer")
-    dec = Decoder(model, prompts, params, _eos_ids(model, tokenizer), _pad_id(model, tokenizer), compile)
-    texts = [_RowText(tokenizer, p, params.stop) for p in prompts] if tokenizer is not None else None
+    dec = Decoder(model, prompts, params, stop_ids_of(model, tokenizer), pad_id_of(model, tokenizer), compile)
+    texts = [RowText(tokenizer, p, params.stop) for p in prompts] if tokenizer is not None else None
     t0 = time.perf_counter()
     dec.prefill()
     t1 = time.perf_counter()

@@ -34,13 +34,13 @@ import torch.nn.functional as F
 
 from lmforge.generate import (
     Generation,
+    RowText,
     SamplingParams,
-    _eos_ids,
-    _pad_id,
-    _RowText,
-    _top_alternatives,
+    pad_id_of,
     process_logits,
     sample,
+    stop_ids_of,
+    top_alternatives,
 )
 from lmforge.model.kv_cache import KVCache
 
@@ -127,7 +127,7 @@ class _Seq:
     budget: int  # new tokens allowed (max_tokens, context and cache slots)
     stop_ids: set[int]
     result: Generation
-    text: _RowText | None
+    text: RowText | None
     generator: torch.Generator | None = None
     seen: torch.Tensor | None = None  # (1, V) tokens in prompt or output (repetition penalty)
     out_counts: torch.Tensor | None = None  # (1, V) output token counts (presence/frequency penalty)
@@ -203,8 +203,8 @@ class Engine:
         self.pool_rows = prefix_pool_rows
         self.activate = activate
         self.observe = observe or (lambda name, value: None)
-        self.eos_ids = set(_eos_ids(model, tokenizer))
-        self.pad_id = _pad_id(model, tokenizer)
+        self.eos_ids = set(stop_ids_of(model, tokenizer))
+        self.pad_id = pad_id_of(model, tokenizer)
         self.sliding = any(model.config.window_for_layer(i) for i in range(model.config.n_layer))
         self.device = next(model.parameters()).device
         self.cache = KVCache.for_model(model, max_batch + prefix_pool_rows, self.max_len)
@@ -274,7 +274,7 @@ class Engine:
                     result.logprobs, result.top_logprobs = [], ([] if p.top_logprobs else None)
                 s = _Seq(request, index, i, list(prompt), self.budget(len(prompt), p.max_new_tokens),
                          set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_ids), result,
-                         _RowText(self.tokenizer, prompt, p.stop) if self.tokenizer is not None else None)  # fmt: skip
+                         RowText(self.tokenizer, prompt, p.stop) if self.tokenizer is not None else None)  # fmt: skip
                 if not p.greedy:
                     s.generator = torch.Generator(device=self.device).manual_seed((base_seed + index) % 2**64)
                 if p.repetition_penalty != 1.0:
@@ -582,7 +582,7 @@ class Engine:
         s.result.prompt_logprobs = [None, *logprobs.gather(-1, ids[:, None])[:, 0].tolist()]
         k = s.params.top_logprobs
         if k:
-            s.result.prompt_top_logprobs = [None, *_top_alternatives(logprobs, k)]
+            s.result.prompt_top_logprobs = [None, *top_alternatives(logprobs, k)]
 
     # ---------------------------------------------------------------------------------------------
     # Decode
@@ -637,7 +637,7 @@ class Engine:
                 lp = float(logprobs[b, token])
                 s.result.logprobs.append(lp)
                 if p.top_logprobs:
-                    top = _top_alternatives(logprobs[b : b + 1], p.top_logprobs)[0]
+                    top = top_alternatives(logprobs[b : b + 1], p.top_logprobs)[0]
                     s.result.top_logprobs.append(top)
             s.result.tokens.append(token)
             self._after_token(s, token, lp, top, now)
