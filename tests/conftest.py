@@ -116,18 +116,21 @@ FAMILIES = [
 ]
 
 
+def randomize_vectors(model) -> None:
+    """Random biases and norm weights, so a key-mapping mistake cannot hide behind zeros and ones."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.normal_(0.0 if name.endswith("bias") else 1.0, 0.1)
+
+
 def make_hf_checkpoint(folder: Path, family: str, seed: int = 0, with_tokenizer: bool = True):
     """Build a random transformers model, save it with save_pretrained, return the (eval) HF model."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(hf_config(family)).eval()
-    with (
-        torch.no_grad()
-    ):  # random biases and norm weights, so a mapping mistake cannot hide behind zeros/ones
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.normal_(0.0 if name.endswith("bias") else 1.0, 0.1)
+    randomize_vectors(model)
     model.save_pretrained(folder)
     if with_tokenizer:
         write_tokenizer(folder)

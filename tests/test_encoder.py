@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import randomize_vectors
 from lmforge.embed import Contrastive, MaskedLM, SentenceEncoder, mask_tokens
 from lmforge.model.encoder import Encoder, EncoderConfig
 from lmforge.model.hf import CheckpointError, load_encoder, save_encoder
@@ -26,12 +27,7 @@ def _bert_config():
 def _random_hf(cls, folder, seed=0):
     torch.manual_seed(seed)
     model = cls(_bert_config()).eval()
-    with (
-        torch.no_grad()
-    ):  # random biases and norm weights, so a mapping mistake cannot hide behind zeros/ones
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.normal_(0.0 if name.endswith("bias") else 1.0, 0.1)
+    randomize_vectors(model)
     model.save_pretrained(folder)
     return model
 

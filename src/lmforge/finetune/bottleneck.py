@@ -16,11 +16,9 @@ from lmforge.finetune.config import BottleneckConfig
 from lmforge.finetune.lora import (
     DEFAULT,
     _add_extras,
-    adapter_layers,
     register_config,
     set_adapter,
-    set_submodule,
-    target_names,
+    wrap_targets,
 )
 from lmforge.model.mlp import activation
 
@@ -73,19 +71,7 @@ class BottleneckAdapter(nn.Module):
 
 def add_bottleneck(model: nn.Module, config: BottleneckConfig, adapter_name: str = DEFAULT) -> nn.Module:
     """Insert Houlsby adapters after the targeted layers; only they (and, with train_norms, the norms) train."""
-    names = target_names(model, config.target_modules)
-    if not names:
-        raise ValueError(f"target_modules={config.target_modules!r} matches no linear layer of the model")
-    if any(adapter_name in m.adapters for m in adapter_layers(model)):
-        raise ValueError(f"the model already has an adapter named {adapter_name!r}")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    set_adapter(model, [])
-    for name in names:
-        layer = model.get_submodule(name)
-        if not isinstance(layer, BottleneckAdapter):
-            layer = BottleneckAdapter(layer)
-            set_submodule(model, name, layer)
+    for _, layer in wrap_targets(model, config.target_modules, adapter_name, BottleneckAdapter):
         layer.add_adapter(adapter_name, config.bottleneck_size, config.non_linearity, config.adapter_dropout,
                           config.init_std)  # fmt: skip
     norms = []

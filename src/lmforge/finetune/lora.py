@@ -318,25 +318,34 @@ def target_names(model: nn.Module, targets: list[str] | str) -> list[str]:
     return found
 
 
+def wrap_targets(model: nn.Module, targets, adapter_name: str, wrapper: type) -> list[tuple[str, nn.Module]]:
+    """The common start of adding an adapter: check the targets and the name, freeze the model, switch
+    the other adapters off, and wrap each targeted layer in `wrapper` (once). Returns (path, wrapper)."""
+    names = target_names(model, targets)
+    if not names:
+        raise ValueError(f"target_modules={targets!r} matches no linear layer of the model")
+    if any(adapter_name in m.adapters for m in adapter_layers(model)):
+        raise ValueError(f"the model already has an adapter named {adapter_name!r}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    set_adapter(model, [])
+    wrapped = []
+    for name in names:
+        layer = model.get_submodule(name)
+        if not isinstance(layer, wrapper):
+            layer = wrapper(layer)
+            set_submodule(model, name, layer)
+        wrapped.append((name, layer))
+    return wrapped
+
+
 def add_lora(model: nn.Module, config: LoraConfig, adapter_name: str = DEFAULT) -> nn.Module:
     """Wrap the targeted linear layers with LoRA (or DoRA) adapter `adapter_name`, in place.
 
     Everything but the new adapter is frozen (PEFT's default), so `requires_grad` chooses what trains;
     other adapters already on the model stay but are deactivated, and the new one is the active one.
     """
-    names = target_names(model, config.target_modules)
-    if not names:
-        raise ValueError(f"target_modules={config.target_modules!r} matches no linear layer of the model")
-    if any(adapter_name in m.adapters for m in adapter_layers(model)):
-        raise ValueError(f"the model already has an adapter named {adapter_name!r}")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    set_adapter(model, [])
-    for name in names:
-        layer = model.get_submodule(name)
-        if not isinstance(layer, LoraLinear):
-            layer = LoraLinear(layer)
-            set_submodule(model, name, layer)
+    for name, layer in wrap_targets(model, config.target_modules, adapter_name, LoraLinear):
         r = _pattern_value(name, config.rank_pattern, config.r)
         alpha = _pattern_value(name, config.alpha_pattern, config.lora_alpha)
         layer.add_adapter(adapter_name, r, alpha, config.lora_dropout, config.use_rslora, config.use_dora)

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from lmforge.train.dataset import fsync_dir
+
 MARKER = "COMPLETE"
 TRAINABLE = "trainable.safetensors"  # PEFT runs: the trained parameters only, by module path
 STATE = "trainer_state.json"
@@ -49,17 +51,6 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some file systems refuse fsync on directories
-        pass
-    finally:
-        os.close(fd)
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -257,13 +248,13 @@ def save_checkpoint(
         )
     ctx.barrier()
     if ctx.is_main:
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():  # e.g. an interrupted run saved this step before; replace it whole
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(run_dir)
+        fsync_dir(run_dir)
         _write_json(final / MARKER, {"step": step})
-        _fsync_dir(final)
+        fsync_dir(final)
         prune(run_dir, keep_last)
     ctx.barrier()
     return final

@@ -31,7 +31,8 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside `path` durable (best effort: some file systems refuse fsync on folders)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -122,7 +123,7 @@ def write_token_shards(
     meta = meta or {"dtype": dtype.name, "vocab_size": vocab_size, "eos_id": eos_id, "n_tokens": {}}
     meta["n_tokens"][split] = n
     _write_json_atomic(out / META, meta)
-    _fsync_dir(out)
+    fsync_dir(out)
     return n
 
 
