@@ -4,9 +4,13 @@
     python benchmarks/bench_train.py --steps 20 --batch 16
 
 Both engines start from the same weights (transformers builds and saves the model, lmforge loads it
-with its own loader), see the same batches and use torch.optim.AdamW with the same settings. lmforge
-runs its training objective (chunked causal-LM cross-entropy); transformers computes `labels=` loss.
-Each engine runs in its own process, so the peak resident memory (ru_maxrss) of each is its own.
+with its own loader), see the same batches and use torch.optim.AdamW with the same settings, fused (the
+default of both lmforge's trainer and transformers' Trainer on torch >= 2.8). lmforge runs its training
+objective (chunked causal-LM cross-entropy); transformers computes `labels=` loss. `--compile` adds
+lmforge with `train.compile: true`: the forward pass and the loss through torch.compile as one graph.
+Each engine runs in its own process, so the peak resident memory (ru_maxrss) of each is its own; the
+engines take turns for --rounds rounds and each number is the median over the rounds, so a burst of
+load from elsewhere on the machine does not land on one engine only.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import argparse
 import json
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,13 +43,13 @@ def worker(engine: str, folder: str, batch: int, seq: int, steps: int, warmup: i
             return model(input_ids=x[:, :-1], labels=x[:, :-1].clone()).loss  # shifts labels inside
     else:
         from lmforge.model import load_model
+        from lmforge.model.compile import compile_options
         from lmforge.train.objectives import CausalLM
 
         model = load_model(folder, dtype="float32", device="cpu")
         objective = CausalLM(chunk_size=256)
-        if engine == "lmforge-compiled":  # what train.compile=true does: torch.compile of each block
-            for i, block in enumerate(model.layers):
-                model.layers[i] = torch.compile(block)
+        if engine == "lmforge-compiled":  # what train.compile=true does in one process
+            objective = torch.compile(objective.__call__, options=compile_options("cpu"))
 
         def loss_fn(x):
             labels = x[:, 1:].clone()
@@ -52,7 +57,7 @@ def worker(engine: str, folder: str, batch: int, seq: int, steps: int, warmup: i
             return objective(model, {"input_ids": x[:, :-1], "labels": labels})[0]
 
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), fused=True)
     losses, t0 = [], None
     for i in range(steps + warmup):
         if i == warmup:
@@ -79,7 +84,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
+    ap.add_argument("--rounds", type=int, default=3, help="each engine runs this many times, taking turns")
     ap.add_argument("--compile", action="store_true", help="also time lmforge with compiled blocks")
     ap.add_argument("--json", default=None)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -91,19 +97,26 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    results = {}
+    runs: dict[str, list[dict]] = {}
+    engines = ("transformers", "lmforge", *(["lmforge-compiled"] if args.compile else []))
     with tempfile.TemporaryDirectory() as folder:
         torch.manual_seed(0)
         AutoModelForCausalLM.from_config(LlamaConfig(**CONFIG)).save_pretrained(folder)
-        for engine in ("transformers", "lmforge", *(["lmforge-compiled"] if args.compile else [])):
-            cmd = [sys.executable, __file__, "--worker", engine, "--folder", folder, "--batch", str(args.batch),
-                   "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup)]  # fmt: skip
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-            results[engine] = json.loads(out.strip().splitlines()[-1])
+        for r in range(args.rounds):
+            for engine in engines[r % len(engines) :] + engines[: r % len(engines)]:  # rotate who goes first
+                cmd = [sys.executable, __file__, "--worker", engine, "--folder", folder, "--batch", str(args.batch),
+                       "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup)]  # fmt: skip
+                out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+                runs.setdefault(engine, []).append(json.loads(out.strip().splitlines()[-1]))
+    results = {}
+    for engine, rs in runs.items():
+        results[engine] = {**rs[0], "tokens_per_s": statistics.median(x["tokens_per_s"] for x in rs),
+                           "tokens_per_s_runs": [round(x["tokens_per_s"]) for x in rs],
+                           "peak_rss_mib": max(x["peak_rss_mib"] for x in rs)}  # fmt: skip
     ours, theirs = results["lmforge"], results["transformers"]
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
           f"Llama {ours['params'] / 1e6:.1f} M params, batch {args.batch} x {args.seq}, AdamW, float32, "
-          f"{args.steps} timed steps")  # fmt: skip
+          f"fused AdamW, {args.steps} timed steps, median of {args.rounds} rounds")  # fmt: skip
     print(f"  {'':16}{'lmforge':>12}{'transformers':>14}{'ratio':>8}")
     print(f"  {'tokens/s':16}{ours['tokens_per_s']:>12.0f}{theirs['tokens_per_s']:>14.0f}"
           f"{ours['tokens_per_s'] / theirs['tokens_per_s']:>7.2f}x")  # fmt: skip
@@ -115,6 +128,9 @@ def main() -> None:
         comp = results["lmforge-compiled"]
         print(f"  {'compiled tok/s':16}{comp['tokens_per_s']:>12.0f}{theirs['tokens_per_s']:>14.0f}"
               f"{comp['tokens_per_s'] / theirs['tokens_per_s']:>7.2f}x   (peak RSS {comp['peak_rss_mib']:.0f} MiB)")  # fmt: skip
+    print(
+        "  tokens/s of each round: " + "; ".join(f"{e} {r['tokens_per_s_runs']}" for e, r in results.items())
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -9,11 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lmforge.config import Config
 from lmforge.model import Transformer, load_model
 from lmforge.train import load_config, train, write_token_shards
 from lmforge.train.config import ConfigError, config_from_dict
+from lmforge.train.cross_entropy import linear_cross_entropy, plain_linear_head
 from lmforge.train.dataset import (
     TokenWindows,
     TrainBatches,
@@ -143,6 +145,72 @@ def test_chunked_cross_entropy_matches_full_logits_and_gradients():
     with torch.no_grad():
         total, n = chunked_cross_entropy(model.logits, model(ids), labels, chunk_size=3)
     torch.testing.assert_close(total / n, full_loss)
+
+
+def test_linear_cross_entropy_matches_autograd_for_loss_and_every_gradient():
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(3, 7, 16, generator=g, requires_grad=True)
+    weight = torch.randn(50, 16, generator=g, requires_grad=True)
+    bias = torch.randn(50, generator=g, requires_grad=True)
+    labels = torch.randint(0, 50, (3, 7), generator=g)
+    labels[1, 2:5] = -100
+    upstream = 0.37  # the trainer divides the sum by the token count
+    ref = F.cross_entropy(F.linear(hidden, weight, bias).flatten(0, 1), labels.flatten(), reduction="sum")
+    (ref * upstream).backward()
+    expected = [t.grad.clone() for t in (hidden, weight, bias)]
+    for t in (hidden, weight, bias):
+        t.grad = None
+    loss = linear_cross_entropy(hidden, weight, bias, labels, chunk_size=4)  # 21 rows: 6 chunks, last short
+    (loss * upstream).backward()
+    torch.testing.assert_close(loss, ref)
+    for t, e in zip((hidden, weight, bias), expected):
+        torch.testing.assert_close(t.grad, e)
+    with pytest.raises(RuntimeError, match="once"):
+        _second_backward(hidden, weight, bias, labels)
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(hidden, weight, None, labels, 5),
+                                   F.cross_entropy(F.linear(hidden, weight).flatten(0, 1), labels.flatten(),
+                                                   reduction="sum"))  # fmt: skip
+
+
+def _second_backward(hidden, weight, bias, labels):
+    loss = linear_cross_entropy(hidden, weight, bias, labels, chunk_size=8)
+    loss.backward(retain_graph=True)
+    loss.backward()
+
+
+def test_linear_cross_entropy_in_bfloat16_stays_close_to_float32():
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(64, 32, generator=g)
+    weight = torch.randn(100, 32, generator=g) * 0.2
+    labels = torch.randint(0, 100, (64,), generator=g)
+    h16, w16 = hidden.bfloat16().requires_grad_(), weight.bfloat16().requires_grad_()
+    loss = linear_cross_entropy(h16, w16, None, labels, chunk_size=16)
+    loss.backward()
+    h32, w32 = hidden.requires_grad_(), weight.requires_grad_()
+    ref = F.cross_entropy(F.linear(h32, w32), labels, reduction="sum")
+    ref.backward()
+    assert h16.grad.dtype == w16.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(loss, ref, rtol=2e-2, atol=0)
+    torch.testing.assert_close(w16.grad.float(), w32.grad, rtol=5e-2, atol=5e-2)
+
+
+def test_a_wrapped_head_takes_the_checkpointed_chunks_and_matches_the_full_loss():
+    torch.manual_seed(0)
+    model = Transformer(Config.from_name("tiny-llama", n_layer=1, vocab_size=64))
+    model.init_weights(seed=0)
+    assert plain_linear_head(model.logits) is model.lm_head
+
+    def head(h):  # not a plain linear head: the fallback path
+        return model.logits(h) * 1.5
+
+    assert plain_linear_head(head) is None
+    ids, labels = torch.randint(0, 64, (2, 9)), torch.randint(0, 64, (2, 9))
+    hidden = model(ids)
+    total, n = chunked_cross_entropy(head, hidden, labels, chunk_size=4)
+    full = F.cross_entropy(head(hidden).flatten(0, 1), labels.flatten(), reduction="sum")
+    torch.testing.assert_close(total, full)
+    assert n.item() == 18
 
 
 # --------------------------------------------------------------------------------------------------
@@ -280,3 +348,35 @@ def test_frozen_parameters_stay_put_and_optimizer_skips_them(tmp_path):
     assert not torch.equal(
         saved.layers[0].self_attn.q_proj.weight, model.layers[0].self_attn.q_proj.weight * 0 + 0
     )
+
+
+@pytest.mark.slow  # torch.compile takes ~30 s on CPU
+def test_compiled_training_follows_eager_and_saves_the_same_names(tmp_path):
+    data = {"synthetic": True, "synthetic_tokens": 5000}
+    eager = train(tiny_config(tmp_path / "eager", data, max_steps=6, eval_every=6, save_every=6))
+    compiled = train(tiny_config(tmp_path / "compiled", data, max_steps=6, eval_every=6, save_every=6,
+                                 compile=True))  # fmt: skip
+    losses = [[r["loss"] for r in res.metrics if "loss" in r] for res in (eager, compiled)]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+    assert compiled.val_loss == pytest.approx(eager.val_loss, rel=1e-4)
+    a = load_model(tmp_path / "eager" / "step-00000006", device="cpu").state_dict()
+    b = load_model(tmp_path / "compiled" / "step-00000006", device="cpu").state_dict()
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-3, atol=1e-4)
+
+
+def test_swiglu_keeps_two_tensors_for_backward_and_has_exact_gradients():
+    from lmforge.model.mlp import _SiluGate
+
+    g = torch.Generator().manual_seed(0)
+    gate = torch.randn(2, 5, 12, dtype=torch.float64, generator=g, requires_grad=True)
+    up = torch.randn(2, 5, 12, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(_SiluGate.apply, (gate, up))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = _SiluGate.apply(gate, up)
+    assert len(saved) == 2  # autograd's silu(gate) * up keeps three
+    out.sum().backward()
+    expected = torch.autograd.grad((F.silu(gate) * up).sum(), (gate, up))
+    torch.testing.assert_close((gate.grad, up.grad), expected)

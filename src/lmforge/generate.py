@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from lmforge.model.compile import compile_options
 from lmforge.model.decoder import Transformer
 from lmforge.model.kv_cache import KVCache
 
@@ -313,7 +314,8 @@ def _compiled(model: Transformer, cache: KVCache):
     the same batch size and cache length reuses the compiled code."""
     global _compiled_decode_step
     if _compiled_decode_step is None:
-        _compiled_decode_step = torch.compile(_decode_step, dynamic=False)
+        options = compile_options(cache.valid.device)
+        _compiled_decode_step = torch.compile(_decode_step, dynamic=False, options=options)
     return lambda tokens: _compiled_decode_step(model, tokens, *cache.tensors())
 
 

@@ -113,7 +113,15 @@ class LoraLinear(nn.Module):
             dropout = self.lora_dropout[name]
             h = x.to(A.weight.dtype)
             if name not in self.lora_magnitude_vector:
-                result = result + (B(A(dropout(h))) * s).to(result.dtype)
+                down = A(dropout(h))  # (…, r)
+                if down.dtype == result.dtype and B.bias is None:
+                    # result + s * down B^T in one addmm: the scaling rides in the GEMM, with no (…, out)
+                    # temporary for `* s` in forward or backward
+                    out = torch.addmm(result.reshape(-1, result.shape[-1]), down.reshape(-1, down.shape[-1]),
+                                      B.weight.t(), alpha=s)  # fmt: skip
+                    result = out.view(result.shape)
+                else:
+                    result = result + (B(down) * s).to(result.dtype)
                 continue
             # DoRA, as PEFT: (m / ||W + s B A|| - 1) W x + m / ||W + s B A|| * s * B A x
             weight = base_weight(self.base_layer).to(h.dtype)

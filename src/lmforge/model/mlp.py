@@ -19,6 +19,26 @@ def activation(name: str):
     raise ValueError(f"unknown activation {name!r} (silu, gelu, gelu_new are known)")
 
 
+class _SiluGate(torch.autograd.Function):
+    """silu(gate) * up that keeps only `gate` and `up` for backward (autograd would also keep silu(gate),
+    one more (B, T, F) tensor per layer) and recomputes silu(gate) there:
+        d/d up   = grad * silu(gate)
+        d/d gate = grad * up * silu'(gate),   silu'(x) = s (1 + x (1 - s)),  s = sigmoid(x)
+    """
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        gate, up = ctx.saved_tensors
+        grad_gate = torch.ops.aten.silu_backward(grad * up, gate) if ctx.needs_input_grad[0] else None
+        grad_up = grad * F.silu(gate) if ctx.needs_input_grad[1] else None
+        return grad_gate, grad_up
+
+
 class MLP(nn.Module):
     """swiglu: down(act(gate(x)) * up(x));  gelu: down(act(up(x))).  (B, T, D) -> (B, T, D)"""
 
@@ -34,7 +54,9 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.resid_dropout) if config.resid_dropout else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gated:
+        if self.gated and self.act is F.silu and torch.is_grad_enabled():
+            h = _SiluGate.apply(self.gate_proj(x), self.up_proj(x))  # (B, T, F), lean on memory
+        elif self.gated:
             h = self.act(self.gate_proj(x)) * self.up_proj(x)  # (B, T, F)
         else:
             h = self.act(self.up_proj(x))

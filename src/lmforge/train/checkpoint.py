@@ -51,8 +51,6 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-
-
 def _write_json(path: Path, obj: Any) -> None:
     with open(path, "w") as f:
         f.write(json.dumps(obj, indent=2) + "\n")

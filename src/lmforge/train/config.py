@@ -63,7 +63,7 @@ class TrainSection:
     grad_clip: float | None = 1.0  # max global grad norm; null or 0 = no clipping
     precision: str = "fp32"  # fp32 | bf16 | fp16 (+ GradScaler) autocast; auto = bf16 on CUDA
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~30% slower
-    compile: bool = False  # torch.compile the model (the blocks under FSDP2)
+    compile: bool = False  # torch.compile forward + loss (under DDP the model, under FSDP2 its blocks)
     seed: int = 0  # model init, dropout (seed + rank) and, unless data.seed, data order
     device: str = "auto"  # auto | cpu | cuda | mps
     eval_every: int = 100  # steps; 0 = only at the end

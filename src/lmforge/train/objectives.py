@@ -25,33 +25,13 @@ class Objective(Protocol):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
 
 
-def _chunk_ce_sum(head, hidden: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    import torch.nn.functional as F
-
-    logits = head(hidden).float()  # (B, c, V), float32 for a stable log-softmax under autocast
-    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=ignore_index, reduction="sum")
-
-
 def chunked_cross_entropy(
     head, hidden: torch.Tensor, labels: torch.Tensor, chunk_size: int, ignore_index: int = IGNORE_INDEX
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token cross-entropy and the count of counted labels, without the whole (B, T, V) logits.
+    """See lmforge.train.cross_entropy: the summed loss and the count of counted labels."""
+    from lmforge.train import cross_entropy
 
-    hidden: (B, T, D), labels: (B, T). The head runs on `chunk_size` positions at a time; with grad enabled,
-    each chunk is recomputed in backward (activation checkpointing), so only one chunk's logits live at once.
-    """
-    import torch
-    from torch.utils.checkpoint import checkpoint
-
-    T = hidden.shape[1]
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for s in range(0, T, chunk_size):
-        h, y = hidden[:, s : s + chunk_size], labels[:, s : s + chunk_size]
-        if torch.is_grad_enabled() and chunk_size < T:
-            total = total + checkpoint(_chunk_ce_sum, head, h, y, ignore_index, use_reentrant=False)
-        else:
-            total = total + _chunk_ce_sum(head, h, y, ignore_index)
-    return total, (labels != ignore_index).sum()
+    return cross_entropy.chunked_cross_entropy(head, hidden, labels, chunk_size, ignore_index)
 
 
 @dataclass
@@ -62,7 +42,7 @@ class CausalLM:
     optionally `positions` and `attention_mask` (packed documents).
     """
 
-    chunk_size: int = 1024  # positions per logits chunk
+    chunk_size: int = 1024  # positions (of B x T) per logits chunk
 
     def __call__(self, model, batch):
         hidden = model(

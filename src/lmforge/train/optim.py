@@ -39,7 +39,18 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas, eps
     groups = param_groups(model, weight_decay)
     if not groups:
         raise ValueError("the model has no trainable parameters (requires_grad is False everywhere)")
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused_adamw_ok(groups))
+
+
+def fused_adamw_ok(groups: list[dict]) -> bool:
+    """Use torch's fused AdamW (one kernel for every tensor; what transformers' Trainer also picks on
+    torch >= 2.8) where it exists: float parameters on CPU or CUDA, not sharded DTensors (FSDP2), which
+    keep the default multi-tensor implementation."""
+    params = [p for g in groups for p in g["params"]]
+    return all(
+        p.device.type in ("cpu", "cuda") and p.is_floating_point() and type(p.data) is torch.Tensor
+        for p in params
+    )
 
 
 def lr_at(step: int, lr: float, min_lr: float, warmup_steps: int, decay_steps: int) -> float:
