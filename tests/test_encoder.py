@@ -250,7 +250,7 @@ def test_embed_cli_prints_one_vector_per_text(minilm, capsys):
     np.testing.assert_allclose(out["embeddings"][0], minilm.encode("sort a list")[0], atol=1e-5)
 
 
-def test_finetune_embedder_pulls_pairs_together(minilm, one_thread):
+def test_finetune_embedder_pulls_pairs_together(minilm, one_thread, tmp_path):
     from lmforge.embed import finetune_embedder
 
     torch.manual_seed(0)
@@ -262,7 +262,45 @@ def test_finetune_embedder_pulls_pairs_together(minilm, one_thread):
         for w in ["cats", "rain", "trains", "bread", "chess", "tea"]
     ]
     before = small.fingerprint()
-    losses = finetune_embedder(small, pairs, epochs=15, batch_size=6, lr=1e-3)
+    run = tmp_path / "run"
+    losses = finetune_embedder(small, pairs, epochs=15, batch_size=6, lr=1e-3, out_dir=run)
     assert losses[-1] < losses[0] and small.fingerprint() != before
     q, d = small.encode([p[0] for p in pairs]), small.encode([p[1] for p in pairs])
     assert ((q @ d.T).argmax(1) == np.arange(len(pairs))).mean() >= 5 / 6
+    # the shared trainer ran it: per-step metrics and a final checkpoint that is a BertModel folder
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in steps if "loss" in r] == losses and len(losses) == 15
+    assert "in_batch_accuracy" in steps[-1]
+    saved = load_encoder(run / "step-00000015", device="cpu")
+    for name, tensor in saved.state_dict().items():
+        torch.testing.assert_close(tensor, small.model.state_dict()[name])
+
+
+def test_masked_lm_pretraining_runs_on_the_shared_trainer_and_resumes(tmp_path, one_thread):
+    from lmforge.train import train
+
+    torch.manual_seed(0)
+    config = EncoderConfig.from_name("tiny-bert", vocab_size=64, mlm_head=True, pooler=False, max_seq_len=64,
+                                     hidden_dropout=0.0, attn_dropout=0.0)  # fmt: skip
+    model = Encoder(config)
+    model.init_weights(seed=0)
+    cfg = {"data": {"synthetic": True, "synthetic_tokens": 20_000, "seq_len": 32},
+           "train": {"max_steps": 200, "micro_batch_size": 16, "lr": 1e-2, "warmup_steps": 5, "eval_every": 200,
+                     "save_every": 100, "progress": False, "eval_sequences": 16},
+           "out_dir": str(tmp_path / "mlm")}  # fmt: skip
+    objective = MaskedLM(mask_token_id=2, vocab_size=64, mask_prob=0.3)
+    result = train(cfg, model=model, objective=objective)
+    losses = [r["loss"] for r in result.metrics if "loss" in r]
+    # ln 64 = 4.16 at the start; the 32 phrases of the corpus make masked tokens predictable from context
+    assert len(losses) == 200 and np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.2, losses
+    assert result.val_loss is not None and "mlm_accuracy" in result.metrics[-2]
+    final = load_encoder(tmp_path / "mlm" / "step-00000200", device="cpu")  # a BertForMaskedLM folder
+    assert final.mlm_head is not None
+    for name, tensor in final.state_dict().items():
+        torch.testing.assert_close(tensor, model.state_dict()[name])
+    # resuming from step 100 repeats steps 101..200 exactly (the masking draws from the restored RNG)
+    (tmp_path / "mlm" / "step-00000200" / "COMPLETE").unlink()
+    fresh = Encoder(config)
+    again = train(cfg, model=fresh, objective=objective)
+    assert again.resumed_from.name == "step-00000100"
+    assert [r["loss"] for r in again.metrics if "loss" in r] == losses  # steps 1-100 read back, 101-200 rerun

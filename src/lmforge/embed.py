@@ -359,6 +359,36 @@ class Contrastive:
         }
 
 
+class PairData:
+    """(query, passage) pairs as the trainer's `data=` source for the Contrastive objective: each micro-batch
+    is `micro_batch_size` pairs (the other passages of the batch are the negatives), tokenised and padded."""
+
+    label = "embedder"
+    has_validation = False
+
+    def __init__(self, embedder: SentenceEncoder, pairs: Sequence[tuple[str, str]]):
+        if len(pairs) < 2:
+            raise ValueError("contrastive training needs at least 2 pairs (in-batch negatives)")
+        self.embedder, self.pairs = embedder, list(pairs)
+        self.n_samples = len(self.pairs)
+        self.seq_len = embedder.max_seq_len
+
+    def collate_samples(self, picks: Sequence[int]) -> dict:
+        rows = [self.pairs[i] for i in picks]
+        q_ids, q_mask = self.embedder.batch(self.embedder.tokenize([q for q, _ in rows]))
+        d_ids, d_mask = self.embedder.batch(self.embedder.tokenize([d for _, d in rows]))
+        return {"query_input_ids": q_ids.cpu(), "query_attention_mask": q_mask.cpu(),
+                "doc_input_ids": d_ids.cpu(), "doc_attention_mask": d_mask.cpu()}  # fmt: skip
+
+    def loader(self, micro_batch_size: int, rank: int, world_size: int, seed: int):
+        from lmforge.train.dataset import SampleLoader
+
+        return SampleLoader(self, micro_batch_size, rank, world_size, seed)
+
+    def val_batches(self, micro_batch_size: int, n_sequences: int, rank: int = 0, world_size: int = 1):
+        return iter(())
+
+
 def finetune_embedder(
     embedder: SentenceEncoder,
     pairs: Sequence[tuple[str, str]],
@@ -367,35 +397,32 @@ def finetune_embedder(
     lr: float = 2e-5,
     temperature: float = 0.05,
     seed: int = 0,
+    out_dir: str | Path | None = None,
+    **train: object,
 ) -> list[float]:
     """Adapt an embedder to a domain with (query, relevant passage) pairs and the Contrastive objective.
 
-    A plain AdamW loop over shuffled batches, enough for a few thousand pairs; returns the loss per step.
-    Save the result with `embedder.save(DIR)` (indexes built with the old model must be rebuilt).
+    Runs the shared trainer (lmforge.train): AdamW, warm-up then cosine, clipping, metrics.jsonl, a loss
+    curve and a final checkpoint (a BertModel folder) in `out_dir` (a temporary folder when None, removed
+    afterwards). `epochs` passes of full batches of `batch_size` pairs; other `train.*` settings by keyword
+    (e.g. weight_decay=0.0). Returns the loss per step. Save the embedder with `embedder.save(DIR)`
+    (indexes built with the old model must be rebuilt).
     """
-    import torch
+    import tempfile
 
+    from lmforge.train import train as run_training
+    from lmforge.train.config import DataSection, TrainConfig, TrainSection
+
+    batch_size = min(batch_size, len(pairs))
+    steps = max(1, epochs * (len(pairs) // batch_size))
+    settings = {"max_steps": steps, "micro_batch_size": batch_size, "lr": lr, "min_lr": lr / 10,
+                "warmup_steps": max(1, steps // 10), "eval_every": 0, "save_every": 0, "progress": False,
+                "seed": seed, "device": str(embedder.device), **train}  # fmt: skip
     objective = Contrastive(temperature=temperature, pooling=embedder.pooling)
-    params = [p for p in embedder.model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr)
-    rng = np.random.default_rng(seed)
-    losses = []
-    embedder.model.train()
-    for _ in range(epochs):
-        order = rng.permutation(len(pairs))
-        for s in range(0, len(order) - 1, batch_size):
-            rows = [pairs[i] for i in order[s : s + batch_size]]
-            if len(rows) < 2:
-                break  # one pair has no in-batch negative
-            q_ids, q_mask = embedder.batch(embedder.tokenize([q for q, _ in rows]))
-            d_ids, d_mask = embedder.batch(embedder.tokenize([d for _, d in rows]))
-            batch = {"query_input_ids": q_ids, "query_attention_mask": q_mask,
-                     "doc_input_ids": d_ids, "doc_attention_mask": d_mask}  # fmt: skip
-            loss, _ = objective(embedder.model, batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
+    with tempfile.TemporaryDirectory() as scratch:
+        cfg = TrainConfig(data=DataSection(seq_len=embedder.max_seq_len), train=TrainSection(**settings),
+                          out_dir=str(out_dir or scratch))  # fmt: skip
+        result = run_training(cfg, model=embedder.model, objective=objective, data=PairData(embedder, pairs))
     embedder.model.eval()
     embedder._fingerprint = None
-    return losses
+    return [r["loss"] for r in result.metrics if "loss" in r]

@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
+from lmforge.train.dataset import SampleLoader
 from lmforge.train.objectives import IGNORE_INDEX
 
 
@@ -329,40 +329,6 @@ def packed_batch(rows: Sequence[Sequence[Example]], max_len: int, pad_id: int) -
     return {"input_ids": ids, "labels": labels, "positions": positions, "attention_mask": mask[:, None]}
 
 
-@dataclass
-class _Loader:
-    """Micro-batches of one rank over `n` samples visited in a seeded permutation per epoch; the state is
-    one integer (samples consumed), as in the pretraining loader."""
-
-    data: SFTData
-    micro_batch_size: int
-    rank: int
-    world_size: int
-    seed: int
-    position: int = 0
-    _epoch: int = -1
-    _order: np.ndarray | None = None
-
-    def _sample(self, g: int) -> int:
-        epoch, j = divmod(g, self.data.n_samples)
-        if epoch != self._epoch:
-            self._order = np.random.default_rng([self.seed, epoch]).permutation(self.data.n_samples)
-            self._epoch = epoch
-        return int(self._order[j])
-
-    def next(self) -> dict[str, torch.Tensor]:
-        first = self.position + self.rank * self.micro_batch_size
-        picks = [self._sample(g) for g in range(first, first + self.micro_batch_size)]
-        self.position += self.micro_batch_size * self.world_size
-        return self.data.collate_samples(picks)
-
-    def state_dict(self) -> dict:
-        return {"position": self.position, "seed": self.seed}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.position = int(state["position"])
-
-
 class SFTData:
     """Train and validation examples as the trainer's `data=` source (padded or packed batches)."""
 
@@ -403,8 +369,8 @@ class SFTData:
             return pad_batch([self.train[i] for i in picks], self.pad_id)
         return packed_batch([[self.train[i] for i in self.rows[p]] for p in picks], self.max_len, self.pad_id)
 
-    def loader(self, micro_batch_size: int, rank: int, world_size: int, seed: int) -> _Loader:
-        return _Loader(self, micro_batch_size, rank, world_size, seed)
+    def loader(self, micro_batch_size: int, rank: int, world_size: int, seed: int) -> SampleLoader:
+        return SampleLoader(self, micro_batch_size, rank, world_size, seed)
 
     def val_batches(self, micro_batch_size: int, n_sequences: int, rank: int = 0, world_size: int = 1):
         per_rank = min(n_sequences, len(self.val)) // world_size

@@ -206,6 +206,8 @@ def save_checkpoint(
     )
 
     from lmforge.model import Transformer, save_model
+    from lmforge.model.encoder import Encoder
+    from lmforge.model.hf import save_encoder
     from lmforge.train.distributed import unwrap
 
     inner = unwrap(model)
@@ -222,14 +224,18 @@ def save_checkpoint(
     tensors, meta = rng_state()
     _save_tensors(tmp / f"rng-rank{ctx.rank:05d}.safetensors", tensors, meta)
     if ctx.is_main:
+        encoder = isinstance(inner, Encoder)
         with torch.device("meta"):
-            full = Transformer(inner.config)
+            full = (Encoder if encoder else Transformer)(inner.config)
         if set(model_sd) == set(full.state_dict()):
-            # save_model wants a Transformer; build one around the gathered full tensors (no copy, no init)
+            # the savers want a model: build one around the gathered full tensors (no copy, no init)
             full.load_state_dict(model_sd, assign=True)
-            if inner.config.tie_embeddings:
-                full.lm_head.weight = full.embed_tokens.weight
-            save_model(full, tmp)
+            if encoder:
+                save_encoder(full, tmp)  # a BertModel / BertForMaskedLM folder
+            else:
+                if inner.config.tie_embeddings:
+                    full.lm_head.weight = full.embed_tokens.weight
+                save_model(full, tmp)
         else:  # adapters wrap the model (PEFT): only what is trained goes into the checkpoint
             names = trainable_names(inner)
             _save_tensors(tmp / TRAINABLE, {n: model_sd[n] for n in names})
@@ -269,7 +275,8 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         set_optimizer_state_dict,
     )
 
-    from lmforge.model.hf import from_hf_state_dict, read_safetensors, safetensors_files
+    from lmforge.model.encoder import Encoder
+    from lmforge.model.hf import bert_from_hf, from_hf_state_dict, read_safetensors, safetensors_files
     from lmforge.train.distributed import unwrap
 
     if not (path / MARKER).is_file():
@@ -290,6 +297,9 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
                 f"{path}: {TRAINABLE} lacks {', '.join(missing[:5])}; was the run's model changed?"
             )
         set_model_state_dict(inner, model_sd, options=StateDictOptions(full_state_dict=True, strict=False))
+    elif isinstance(inner, Encoder):
+        model_sd = bert_from_hf(read_safetensors(safetensors_files(path)))
+        set_model_state_dict(inner, model_sd, options=StateDictOptions(full_state_dict=True))
     else:
         model_sd = from_hf_state_dict(read_safetensors(safetensors_files(path)), config)
         if config.tie_embeddings:

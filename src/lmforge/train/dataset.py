@@ -235,6 +235,49 @@ class BatchLoader(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
+class Samples(Protocol):
+    """Training samples the trainer draws by index: `collate_samples(indices)` makes a micro-batch."""
+
+    n_samples: int
+
+    def collate_samples(self, picks: list[int]) -> dict: ...
+
+
+@dataclass
+class SampleLoader:
+    """Micro-batches of one rank over `data.n_samples` samples visited in a seeded permutation per epoch;
+    the state is one integer (samples consumed), as in the pretraining loader. Used by the `data=`
+    sources (SFT examples, embedding pairs)."""
+
+    data: Samples
+    micro_batch_size: int
+    rank: int
+    world_size: int
+    seed: int
+    position: int = 0
+    _epoch: int = -1
+    _order: np.ndarray | None = None
+
+    def _sample(self, g: int) -> int:
+        epoch, j = divmod(g, self.data.n_samples)
+        if epoch != self._epoch:
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(self.data.n_samples)
+            self._epoch = epoch
+        return int(self._order[j])
+
+    def next(self) -> dict:
+        first = self.position + self.rank * self.micro_batch_size
+        picks = [self._sample(g) for g in range(first, first + self.micro_batch_size)]
+        self.position += self.micro_batch_size * self.world_size
+        return self.data.collate_samples(picks)
+
+    def state_dict(self) -> dict:
+        return {"position": self.position, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = int(state["position"])
+
+
 class BatchSource(Protocol):
     """Training data other than token windows (e.g. SFT examples), as the trainer's `data=` argument.
 

@@ -101,10 +101,9 @@ def _check_fits(cfg: TrainConfig, model, meta: dict | None) -> None:
         raise ConfigError(
             f"the data has vocab_size={meta['vocab_size']}, the model only {config.vocab_size} embeddings"
         )
-    if config.context_limit is not None and cfg.data.seq_len > config.context_limit:
-        raise ConfigError(
-            f"data.seq_len={cfg.data.seq_len} exceeds the model's context of {config.context_limit} tokens"
-        )
+    limit = getattr(config, "context_limit", config.max_seq_len)  # an encoder: its position table
+    if limit is not None and cfg.data.seq_len > limit:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds the model's context of {limit} tokens")
 
 
 def load_data(cfg: TrainConfig, vocab_size: int, eos_id: int) -> tuple[np.ndarray, np.ndarray | None]:
@@ -219,8 +218,9 @@ def train(
 ) -> TrainResult:
     """Train (or resume) the run described by `config` in `out_dir` (default: config.out_dir).
 
-    model: a `Transformer` to train instead of building one from `config.model` (e.g. with some
-        parameters frozen: the optimiser only sees those with requires_grad).
+    model: a `Transformer` (or a BERT `Encoder`, with an encoder objective) to train instead of building one
+        from `config.model` (e.g. with some parameters frozen: the optimiser only sees those with
+        requires_grad).
     objective: an Objective instance instead of `config.objective` (one not in OBJECTIVES).
     data: batches of another kind than token windows (e.g. SFT examples): a `BatchSource`; `config.data`
         is then not read.
@@ -260,7 +260,8 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext, model, objective, dat
         model = build_model(cfg, meta)
     _check_fits(cfg, model, meta)
     mcfg = model.config
-    eos_id = meta.get("eos_id") if meta is not None else (mcfg.eos_ids[0] if mcfg.eos_ids else 0)
+    eos_ids = getattr(mcfg, "eos_ids", None)  # encoders have none
+    eos_id = meta.get("eos_id") if meta is not None else (eos_ids[0] if eos_ids else 0)
     data_seed = t.seed if cfg.data.seed is None else cfg.data.seed
     if data is None:
         train_tokens, val_tokens = load_data(cfg, mcfg.vocab_size, eos_id)
