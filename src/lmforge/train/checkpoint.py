@@ -305,7 +305,9 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         if config.tie_embeddings:
             model_sd["lm_head.weight"] = model_sd["embed_tokens.weight"]
         set_model_state_dict(inner, model_sd, options=StateDictOptions(full_state_dict=True))
-    options = StateDictOptions(full_state_dict=True)
+    # strict=False: a trainable parameter that never got a gradient (e.g. a BERT pooler under masked LM)
+    # has no AdamW state in the checkpoint, as it had none in the run; the model load above is strict
+    options = StateDictOptions(full_state_dict=True, strict=False)
     opt_tensors, _ = _load_tensors(path / OPTIMIZER)
     set_optimizer_state_dict(inner, optimizer, _unflatten_optimizer(opt_tensors, state["optimizer_param_groups"]),
                              options=options)  # fmt: skip
