@@ -26,20 +26,23 @@ def _temp_file(path: Path) -> tuple[int, Path]:
 
 
 class AtomicFile:
-    """A text file that appears under its final name only after :meth:`commit`.
+    """A file (text, or bytes with binary=True) that appears under its final name only after
+    :meth:`commit`.
 
     Use as a context manager: leaving the block normally commits, an exception discards the
     temporary file.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, binary: bool = False) -> None:
         self.path = Path(path)
         fd, self.tmp_path = _temp_file(self.path)
-        self.handle: IO[str] = os.fdopen(fd, "w", encoding="utf-8", newline="\n")
+        self.handle: IO = (
+            os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8", newline="\n")
+        )
         self._done = False
 
-    def write(self, text: str) -> None:
-        self.handle.write(text)
+    def write(self, data: str | bytes) -> None:
+        self.handle.write(data)
 
     def commit(self) -> None:
         """Flush to disk and move into place."""
@@ -77,17 +80,8 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     """Write a whole binary file atomically."""
-    path = Path(path)
-    fd, tmp = _temp_file(path)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with AtomicFile(path, binary=True) as out:
+        out.write(data)
 
 
 def json_line(record: dict[str, Any]) -> str:

@@ -135,6 +135,14 @@ class VirtualTokens(nn.Module):
         self.active = [a for a in self.active if a != name]
 
 
+def _install(model, adapter_name: str, module: nn.Module, config):
+    """Register a prefix or prompt module as adapter `adapter_name` and make it the active one."""
+    _virtual_tokens(model).adapters_by_name[adapter_name] = module
+    register_config(model, adapter_name, config)
+    set_adapter(model, adapter_name)
+    return model
+
+
 def _virtual_tokens(model) -> VirtualTokens:
     if not hasattr(model, "prefix"):
         raise ValueError("prefix and prompt tuning need an lmforge Transformer (its `prefix` seam)")
@@ -161,11 +169,7 @@ def add_prefix_tuning(model, config: PrefixConfig, adapter_name: str = DEFAULT, 
         module.init_from_vocab(model, torch.Generator().manual_seed(seed))
     elif config.init != "normal":
         raise ValueError(f"prefix init must be vocab or normal, got {config.init!r}")
-    vt = _virtual_tokens(model)
-    vt.adapters_by_name[adapter_name] = module
-    register_config(model, adapter_name, config)
-    set_adapter(model, adapter_name)
-    return model
+    return _install(model, adapter_name, module, config)
 
 
 def add_prompt_tuning(
@@ -190,8 +194,4 @@ def add_prompt_tuning(
             module.embedding.weight.copy_(w[torch.tensor(ids, device=w.device)])
         elif config.init != "normal":
             raise ValueError(f"prompt init must be vocab, text or normal, got {config.init!r}")
-    vt = _virtual_tokens(model)
-    vt.adapters_by_name[adapter_name] = module
-    register_config(model, adapter_name, config)
-    set_adapter(model, adapter_name)
-    return model
+    return _install(model, adapter_name, module, config)

@@ -24,6 +24,8 @@ from typing import Protocol
 
 import numpy as np
 
+from lmforge.data.atomic import AtomicFile, write_text_atomic
+
 META = "meta.json"
 
 
@@ -43,15 +45,6 @@ def fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(obj, indent=2) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read_meta(folder: str | Path) -> dict:
@@ -99,30 +92,21 @@ def write_token_shards(
         raise ValueError(f"eos_id={eos_id} is outside the vocabulary (size {vocab_size})")
     dtype = token_dtype(vocab_size)
     eos = np.array([eos_id], dtype=dtype).tobytes()
-    final = out / f"{split}.bin"
-    tmp = out / f".{split}.bin.tmp-{os.getpid()}"
     n = 0
-    try:
-        with open(tmp, "wb") as f:
-            for i, doc in enumerate(docs):
-                ids = np.asarray(doc if isinstance(doc, np.ndarray) else list(doc), dtype=np.int64)
-                if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
-                    bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
-                    raise ValueError(
-                        f"document {i}: token id {bad} is outside the vocabulary (size {vocab_size})"
-                    )
-                f.write(ids.astype(dtype).tobytes())
-                f.write(eos)
-                n += ids.size + 1
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with AtomicFile(out / f"{split}.bin", binary=True) as f:  # an error leaves the old shard as it was
+        for i, doc in enumerate(docs):
+            ids = np.asarray(doc if isinstance(doc, np.ndarray) else list(doc), dtype=np.int64)
+            if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+                bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
+                raise ValueError(
+                    f"document {i}: token id {bad} is outside the vocabulary (size {vocab_size})"
+                )
+            f.write(ids.astype(dtype).tobytes())
+            f.write(eos)
+            n += ids.size + 1
     meta = meta or {"dtype": dtype.name, "vocab_size": vocab_size, "eos_id": eos_id, "n_tokens": {}}
     meta["n_tokens"][split] = n
-    _write_json_atomic(out / META, meta)
+    write_text_atomic(out / META, json.dumps(meta, indent=2) + "\n")
     fsync_dir(out)
     return n
 
