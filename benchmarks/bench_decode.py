@@ -4,9 +4,10 @@
     python benchmarks/bench_decode.py --preset tiny-llama --new-tokens 32 --batch 1
 
 Both engines run the same randomly initialised checkpoint (built by transformers, loaded by lmforge's
-loader), greedy, with EOS ignored so every run decodes exactly --new-tokens tokens. Each number is the
-median of --repeats runs. Prefill time is the time to the first token; decode speed is
-(new_tokens - 1) / (total - time to first token), measured identically for both engines.
+loader), greedy, with EOS ignored so every run decodes exactly --new-tokens tokens. The engines take
+turns for --repeats rounds and each number is the median over the rounds. Prefill time is the time to
+the first token; decode speed is (new_tokens - 1) / (total - time to first token), measured identically
+for both engines.
 The memory-bandwidth bound of decoding at batch 1 is bandwidth / bytes of weights read per token.
 """
 
@@ -66,13 +67,25 @@ def time_lmforge(model, prompts: torch.Tensor, new_tokens: int, compile: bool = 
     return elapsed
 
 
-def run(engine, model, prompts, new_tokens, repeats):
-    engine(model, prompts, 2)  # warm-up
-    ttft = statistics.median(engine(model, prompts, 1) for _ in range(repeats))
-    total = statistics.median(engine(model, prompts, new_tokens) for _ in range(repeats))
+def measure(engines: dict, prompts, new_tokens: int, repeats: int) -> dict:
+    """Per engine: the medians of time to first token and of total time over `repeats` rounds. The
+    engines take turns within each round, so a burst of load from elsewhere on the machine lands on all
+    of them rather than on one."""
+    for engine in engines.values():
+        engine(prompts, new_tokens)  # warm-up (and, for the compiled engine, compilation)
+    ttfts: dict = {name: [] for name in engines}
+    totals: dict = {name: [] for name in engines}
+    for _ in range(repeats):
+        for name, engine in engines.items():
+            ttfts[name].append(engine(prompts, 1))
+            totals[name].append(engine(prompts, new_tokens))
     B, T = prompts.shape
-    return {"prefill_tok_s": B * T / ttft, "decode_tok_s": B * (new_tokens - 1) / max(total - ttft, 1e-9),
-            "ttft_s": ttft, "total_s": total}  # fmt: skip
+    out = {}
+    for name in engines:
+        ttft, total = statistics.median(ttfts[name]), statistics.median(totals[name])
+        out[name] = {"prefill_tok_s": B * T / ttft, "decode_tok_s": B * (new_tokens - 1) / max(total - ttft, 1e-9),
+                     "ttft_s": ttft, "total_s": total}  # fmt: skip
+    return out
 
 
 def main() -> None:
@@ -99,6 +112,9 @@ def main() -> None:
         build_checkpoint(args.preset, folder)
         hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         ours = load_model(folder, dtype="float32", device="cpu")
+        # the compiled path re-lays out wide weights (model/compile.py), so it gets its own copy and the
+        # eager numbers stay those of a freshly loaded model
+        ours_compiled = load_model(folder, dtype="float32", device="cpu") if args.compile else None
     n_params = ours.num_parameters()
     weight_bytes = n_params * 4
     bandwidth = measure_bandwidth()
@@ -107,28 +123,30 @@ def main() -> None:
           f"torch {torch.__version__}; model {args.preset}: {n_params / 1e6:.1f} M params, float32 "
           f"({weight_bytes / 2**20:.0f} MiB); measured read bandwidth {bandwidth / 1e9:.1f} GB/s -> "
           f"batch-1 decode bound {bound:.1f} tok/s")  # fmt: skip
+    engines = {
+        "transformers": lambda p, n: time_hf(hf, p, n),
+        "lmforge": lambda p, n: time_lmforge(ours, p, n),
+    }
+    if args.compile:
+        engines["lmforge_compiled"] = lambda p, n: time_lmforge(ours_compiled, p, n, compile=True)
     results = []
     vocab = ours.config.vocab_size
     for B in args.batch:
         prompts = torch.randint(0, vocab, (B, args.prompt_len), generator=torch.Generator().manual_seed(B))
-        theirs = run(time_hf, hf, prompts, args.new_tokens, args.repeats)
-        mine = run(time_lmforge, ours, prompts, args.new_tokens, args.repeats)
-        compiled = None
-        if args.compile:
-
-            def compiled_engine(model, p, n):
-                return time_lmforge(model, p, n, compile=True)
-
-            compiled_engine(ours, prompts, args.new_tokens)  # compile for this cache length
-            compiled = run(compiled_engine, ours, prompts, args.new_tokens, args.repeats)
+        timed = measure(engines, prompts, args.new_tokens, args.repeats)
+        mine, theirs, compiled = timed["lmforge"], timed["transformers"], timed.get("lmforge_compiled")
         row = {"batch": B, "lmforge": mine, "transformers": theirs, "lmforge_compiled": compiled,
                "decode_ratio": mine["decode_tok_s"] / theirs["decode_tok_s"],
                "prefill_ratio": mine["prefill_tok_s"] / theirs["prefill_tok_s"]}  # fmt: skip
         if B == 1:
             row["lmforge_fraction_of_bound"] = mine["decode_tok_s"] / bound
             row["transformers_fraction_of_bound"] = theirs["decode_tok_s"] / bound
+            if compiled is not None:
+                row["lmforge_compiled_fraction_of_bound"] = compiled["decode_tok_s"] / bound
         results.append(row)
-        print(f"\nbatch {B}, prompt {args.prompt_len}, {args.new_tokens} new tokens")
+        print(
+            f"\nbatch {B}, prompt {args.prompt_len}, {args.new_tokens} new tokens, median of {args.repeats} rounds"
+        )
         print(f"  {'':14}{'lmforge':>12}{'transformers':>14}{'ratio':>8}")
         print(f"  {'decode tok/s':14}{mine['decode_tok_s']:>12.1f}{theirs['decode_tok_s']:>14.1f}"
               f"{row['decode_ratio']:>7.2f}x")  # fmt: skip
@@ -139,8 +157,11 @@ def main() -> None:
             print(f"  {'decode tok/s, lmforge compiled':32}{compiled['decode_tok_s']:>8.1f}"
                   f"{row['compiled_decode_ratio']:>7.2f}x")  # fmt: skip
         if B == 1:
-            print(f"  fraction of the bandwidth bound: lmforge {row['lmforge_fraction_of_bound']:.0%}, "
-                  f"transformers {row['transformers_fraction_of_bound']:.0%}")  # fmt: skip
+            line = (f"  fraction of the bandwidth bound: lmforge {row['lmforge_fraction_of_bound']:.0%}, "
+                    f"transformers {row['transformers_fraction_of_bound']:.0%}")  # fmt: skip
+            if compiled is not None:
+                line += f", lmforge compiled {row['lmforge_compiled_fraction_of_bound']:.0%}"
+            print(line)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(

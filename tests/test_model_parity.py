@@ -220,6 +220,40 @@ def test_preset_parameter_counts():
             assert Transformer(Config.from_name(name)).num_parameters() == count, name
 
 
+@pytest.mark.parametrize(
+    "family", ["gpt2", "llama"]
+)  # gpt2: a tied head and Conv1D weights transposed on load
+def test_column_major_wide_weights_change_only_strides(checkpoints, family, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from lmforge.model.compile import wide_weights_column_major
+
+    folder, hf = checkpoints[family]
+    model = load_model(folder, device="cpu")
+    ids = _ids(6, (2, 12))
+    with torch.no_grad():
+        before = model.logits(model(ids))
+    wide = [m for m in model.modules() if type(m) is torch.nn.Linear and m.out_features > m.in_features]
+    narrow = [m for m in model.modules() if type(m) is torch.nn.Linear and m.out_features <= m.in_features]
+    assert wide and narrow and wide_weights_column_major(model) == len(wide)
+    assert all(m.weight.stride() == (1, m.out_features) for m in wide)
+    assert all(m.weight.is_contiguous() for m in narrow)
+    assert wide_weights_column_major(model) == 0  # already laid out
+    if model.config.tie_embeddings:
+        assert model.lm_head.weight is model.embed_tokens.weight
+    with torch.no_grad():
+        torch.testing.assert_close(model.logits(model(ids)), before, atol=1e-5, rtol=0)
+    save_model(model, tmp_path / "out")  # safetensors gets contiguous tensors; transformers reads them
+    with torch.no_grad():
+        theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()(ids).logits
+        torch.testing.assert_close(theirs, hf(ids).logits, atol=1e-5, rtol=0)
+    # the model still trains: backward and a fused AdamW step over the re-laid-out parameters
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    model.logits(model(ids)).logsumexp(-1).mean().backward()
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 @pytest.mark.slow
 def test_compiled_decode_equals_eager(checkpoints):
     folder, _ = checkpoints["qwen2"]
@@ -229,3 +263,13 @@ def test_compiled_decode_equals_eager(checkpoints):
     eager = generate(model, prompts, params)
     compiled = generate(model, prompts, params, compile=True)
     assert [g.tokens for g in compiled] == [g.tokens for g in eager]
+    # a second model of the same shapes reuses the compiled graph (after steps that skip the guard
+    # check) and still decodes with its own weights
+    other = load_model(folder, device="cpu")
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(1.5)
+    eager = generate(other, prompts, params)
+    assert [g.tokens for g in eager] != [g.tokens for g in compiled]  # else the check below proves nothing
+    assert [g.tokens for g in generate(other, prompts, params, compile=True)] == [g.tokens for g in eager]
+    assert [g.tokens for g in generate(model, prompts, params, compile=True)] == [g.tokens for g in compiled]
