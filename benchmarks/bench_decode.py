@@ -8,7 +8,8 @@ loader), greedy, with EOS ignored so every run decodes exactly --new-tokens toke
 turns for --repeats rounds and each number is the median over the rounds. Prefill time is the time to
 the first token; decode speed is (new_tokens - 1) / (total - time to first token), measured identically
 for both engines.
-The memory-bandwidth bound of decoding at batch 1 is bandwidth / bytes of weights read per token.
+The memory-bandwidth bound of decoding at batch 1 is bandwidth / bytes of weights read per token, with
+the read bandwidth measured once per round, between the engines' turns.
 """
 
 from __future__ import annotations
@@ -67,15 +68,17 @@ def time_lmforge(model, prompts: torch.Tensor, new_tokens: int, compile: bool = 
     return elapsed
 
 
-def measure(engines: dict, prompts, new_tokens: int, repeats: int) -> dict:
-    """Per engine: the medians of time to first token and of total time over `repeats` rounds. The
-    engines take turns within each round, so a burst of load from elsewhere on the machine lands on all
-    of them rather than on one."""
+def measure(engines: dict, prompts, new_tokens: int, repeats: int) -> tuple[dict, float]:
+    """Per engine: the medians of time to first token and of total time over `repeats` rounds, and the
+    median read bandwidth measured once per round. The engines (and the bandwidth probe) take turns
+    within each round, so a burst of load from elsewhere on the machine lands on all of them."""
     for engine in engines.values():
         engine(prompts, new_tokens)  # warm-up (and, for the compiled engine, compilation)
     ttfts: dict = {name: [] for name in engines}
     totals: dict = {name: [] for name in engines}
+    bandwidths = []
     for _ in range(repeats):
+        bandwidths.append(measure_bandwidth())
         for name, engine in engines.items():
             ttfts[name].append(engine(prompts, 1))
             totals[name].append(engine(prompts, new_tokens))
@@ -85,7 +88,7 @@ def measure(engines: dict, prompts, new_tokens: int, repeats: int) -> dict:
         ttft, total = statistics.median(ttfts[name]), statistics.median(totals[name])
         out[name] = {"prefill_tok_s": B * T / ttft, "decode_tok_s": B * (new_tokens - 1) / max(total - ttft, 1e-9),
                      "ttft_s": ttft, "total_s": total}  # fmt: skip
-    return out
+    return out, statistics.median(bandwidths)
 
 
 def main() -> None:
@@ -117,12 +120,9 @@ def main() -> None:
         ours_compiled = load_model(folder, dtype="float32", device="cpu") if args.compile else None
     n_params = ours.num_parameters()
     weight_bytes = n_params * 4
-    bandwidth = measure_bandwidth()
-    bound = bandwidth / weight_bytes
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}; model {args.preset}: {n_params / 1e6:.1f} M params, float32 "
-          f"({weight_bytes / 2**20:.0f} MiB); measured read bandwidth {bandwidth / 1e9:.1f} GB/s -> "
-          f"batch-1 decode bound {bound:.1f} tok/s")  # fmt: skip
+          f"({weight_bytes / 2**20:.0f} MiB)")  # fmt: skip
     engines = {
         "transformers": lambda p, n: time_hf(hf, p, n),
         "lmforge": lambda p, n: time_lmforge(ours, p, n),
@@ -133,9 +133,11 @@ def main() -> None:
     vocab = ours.config.vocab_size
     for B in args.batch:
         prompts = torch.randint(0, vocab, (B, args.prompt_len), generator=torch.Generator().manual_seed(B))
-        timed = measure(engines, prompts, args.new_tokens, args.repeats)
+        timed, bandwidth = measure(engines, prompts, args.new_tokens, args.repeats)
+        bound = bandwidth / weight_bytes  # batch-1 decode reads every weight once per token
         mine, theirs, compiled = timed["lmforge"], timed["transformers"], timed.get("lmforge_compiled")
-        row = {"batch": B, "lmforge": mine, "transformers": theirs, "lmforge_compiled": compiled,
+        row = {"batch": B, "bandwidth_GBps": bandwidth / 1e9, "lmforge": mine, "transformers": theirs,
+               "lmforge_compiled": compiled,
                "decode_ratio": mine["decode_tok_s"] / theirs["decode_tok_s"],
                "prefill_ratio": mine["prefill_tok_s"] / theirs["prefill_tok_s"]}  # fmt: skip
         if B == 1:
@@ -157,6 +159,8 @@ def main() -> None:
             print(f"  {'decode tok/s, lmforge compiled':32}{compiled['decode_tok_s']:>8.1f}"
                   f"{row['compiled_decode_ratio']:>7.2f}x")  # fmt: skip
         if B == 1:
+            print(f"  read bandwidth {bandwidth / 1e9:.1f} GB/s (median over the rounds) -> decode bound "
+                  f"{bound:.1f} tok/s")  # fmt: skip
             line = (f"  fraction of the bandwidth bound: lmforge {row['lmforge_fraction_of_bound']:.0%}, "
                     f"transformers {row['transformers_fraction_of_bound']:.0%}")  # fmt: skip
             if compiled is not None:
@@ -164,9 +168,7 @@ def main() -> None:
             print(line)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(
-                {"preset": args.preset, "bandwidth_GBps": bandwidth / 1e9, "results": results}, f, indent=2
-            )
+            json.dump({"preset": args.preset, "results": results}, f, indent=2)
 
 
 if __name__ == "__main__":
