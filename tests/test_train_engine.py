@@ -380,3 +380,40 @@ def test_swiglu_keeps_two_tensors_for_backward_and_has_exact_gradients():
     out.sum().backward()
     expected = torch.autograd.grad((F.silu(gate) * up).sum(), (gate, up))
     torch.testing.assert_close((gate.grad, up.grad), expected)
+
+
+def test_fused_adamw_follows_weights_re_laid_out_mid_training(tmp_path):
+    """A compiled generation inside eval_fn stores wide weights column-major (model/compile.py) after
+    AdamW created its state row-major; torch's fused AdamW needs both laid out alike, so the trainer
+    re-aligns the state. Training must follow a run without the re-layout (up to matmul rounding)."""
+    from lmforge.model.compile import wide_weights_column_major
+
+    data = {"synthetic": True, "synthetic_tokens": 4_000}
+    kwargs = dict(max_steps=6, eval_every=2)
+    plain = train(tiny_config(tmp_path / "plain", data, **kwargs), eval_fn=lambda m: {})
+    relaid = train(tiny_config(tmp_path / "relaid", data, **kwargs),
+                   eval_fn=lambda m: {"moved": float(wide_weights_column_major(m))})  # fmt: skip
+    assert [r["moved"] for r in relaid.metrics if "moved" in r][0] > 0  # the first evaluation moved weights
+    a = load_model(plain.checkpoint, device="cpu").state_dict()
+    b = load_model(relaid.checkpoint, device="cpu").state_dict()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=1e-4, rtol=0, msg=name)
+
+
+def test_resume_into_column_major_weights_keeps_fused_adamw_exact(tmp_path):
+    """Resuming with a model whose wide weights are column-major (it ran a compiled generation) loads
+    the contiguous AdamW state of the checkpoint; the trainer lays it out like the parameters."""
+    from lmforge.model.compile import wide_weights_column_major
+
+    data = {"synthetic": True, "synthetic_tokens": 4_000}
+    kwargs = dict(lr_decay_steps=6, save_every=3)
+    whole = train(tiny_config(tmp_path / "whole", data, max_steps=6, **kwargs))
+    first = train(tiny_config(tmp_path / "parts", data, max_steps=3, **kwargs))
+    model = load_model(first.checkpoint, device="cpu")
+    assert wide_weights_column_major(model) > 0
+    rest = train(tiny_config(tmp_path / "parts", data, max_steps=6, **kwargs), model=model)
+    assert rest.resumed_from is not None and rest.step == 6
+    a = load_model(whole.checkpoint, device="cpu").state_dict()
+    b = load_model(rest.checkpoint, device="cpu").state_dict()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=1e-4, rtol=0, msg=name)

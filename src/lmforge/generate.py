@@ -296,12 +296,7 @@ class Decoder:
     def step(self) -> None:
         """Feed the last sampled token of every live row and choose the next."""
         if self.compiled:
-            step = _compiled(self.model, self.cache)
-            if self.steps == 1:  # the first decode step checks every guard (and compiles if needed)
-                self._emit(step(self._next))
-            else:  # the same model, cache tensors and shapes as the step before: skip the ~0.6 ms check
-                with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-                    self._emit(step(self._next))
+            self._emit(_compiled(self.model, self.cache)(self._next))
         else:
             self._emit(self._forward_step(self._next))
 

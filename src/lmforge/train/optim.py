@@ -53,6 +53,21 @@ def fused_adamw_ok(groups: list[dict]) -> bool:
     )
 
 
+def align_state_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Give each parameter's optimizer state (exp_avg, exp_avg_sq) the parameter's memory layout.
+
+    torch's fused AdamW walks a parameter, its gradient and its state as flat memory, so they must share
+    strides; with different ones it updates wrong elements without an error. They drift apart when state
+    saved contiguous is loaded into a parameter stored column-major, or when a weight is re-laid out after
+    its state was made (lmforge.model.compile.wide_weights_column_major: a compiled generation inside an
+    eval_fn). Copies only what differs; a no-op otherwise."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                    optimizer.state[p][key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+
+
 def lr_at(step: int, lr: float, min_lr: float, warmup_steps: int, decay_steps: int) -> float:
     """Learning rate of optimizer step `step` (0-based): linear warmup to lr, then cosine decay to min_lr.
 

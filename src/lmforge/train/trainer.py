@@ -46,7 +46,14 @@ from lmforge.train.dataset import (
 )
 from lmforge.train.metrics import MetricsLog, perplexity
 from lmforge.train.objectives import Objective, build_objective
-from lmforge.train.optim import build_optimizer, device_peak_flops, flops_per_token, lr_at, matmul_parameters
+from lmforge.train.optim import (
+    align_state_layout,
+    build_optimizer,
+    device_peak_flops,
+    flops_per_token,
+    lr_at,
+    matmul_parameters,
+)
 
 
 @dataclass
@@ -302,6 +309,7 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext, model, objective, dat
     step, elapsed_before, resumed_from = 0, 0.0, ckpt.latest_checkpoint(run_dir)
     if resumed_from is not None:
         state = ckpt.load_checkpoint(resumed_from, model, optimizer, ctx)
+        align_state_layout(optimizer)  # saved contiguous; a parameter may be stored column-major
         step = state["step"]
         loader.load_state_dict(state["data"])
         elapsed_before = state.get("elapsed_s", 0.0)
@@ -442,6 +450,7 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext, model, objective, dat
                     wrapped.eval()
                     more = eval_fn(distributed.unwrap(wrapped)) or {}
                     wrapped.train()
+                    align_state_layout(optimizer)  # e.g. a compiled generation re-laid out weights
                 if ctx.is_main and (last_val is not None or more):
                     shown = [f"{k} {v:.4f}" for k, v in more.items() if isinstance(v, float)]
                     if last_val is not None:
