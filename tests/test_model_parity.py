@@ -220,9 +220,8 @@ def test_preset_parameter_counts():
             assert Transformer(Config.from_name(name)).num_parameters() == count, name
 
 
-@pytest.mark.parametrize(
-    "family", ["gpt2", "llama"]
-)  # gpt2: a tied head and Conv1D weights transposed on load
+# gpt2: a tied head and Conv1D weights transposed on load
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_column_major_wide_weights_change_only_strides(checkpoints, family, tmp_path):
     from transformers import AutoModelForCausalLM
 

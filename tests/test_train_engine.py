@@ -400,7 +400,7 @@ def test_fused_adamw_follows_weights_re_laid_out_mid_training(tmp_path):
         torch.testing.assert_close(b[name], a[name], atol=1e-4, rtol=0, msg=name)
 
 
-def test_resume_into_column_major_weights_keeps_fused_adamw_exact(tmp_path):
+def test_resume_into_column_major_weights_follows_the_uninterrupted_run(tmp_path):
     """Resuming with a model whose wide weights are column-major (it ran a compiled generation) loads
     the contiguous AdamW state of the checkpoint; the trainer lays it out like the parameters."""
     from lmforge.model.compile import wide_weights_column_major

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from lmforge.train.dataset import fsync_dir
+from lmforge.train.optim import align_state_layout
 
 MARKER = "COMPLETE"
 TRAINABLE = "trainable.safetensors"  # PEFT runs: the trained parameters only, by module path
@@ -311,6 +312,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     opt_tensors, _ = _load_tensors(path / OPTIMIZER)
     set_optimizer_state_dict(inner, optimizer, _unflatten_optimizer(opt_tensors, state["optimizer_param_groups"]),
                              options=options)  # fmt: skip
+    align_state_layout(optimizer)  # saved contiguous; a parameter may be stored column-major
     rng_file = path / f"rng-rank{ctx.rank:05d}.safetensors"
     tensors, meta = _load_tensors(rng_file)
     set_rng_state(tensors, meta)

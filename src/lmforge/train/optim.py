@@ -60,7 +60,7 @@ def align_state_layout(optimizer: torch.optim.Optimizer) -> None:
     strides; with different ones it updates wrong elements without an error. They drift apart when state
     saved contiguous is loaded into a parameter stored column-major, or when a weight is re-laid out after
     its state was made (lmforge.model.compile.wide_weights_column_major: a compiled generation inside an
-    eval_fn). Copies only what differs; a no-op otherwise."""
+    eval_fn). load_checkpoint and the trainer (after eval_fn) call it. Copies only what differs."""
     for group in optimizer.param_groups:
         for p in group["params"]:
             for key, value in optimizer.state.get(p, {}).items():

@@ -309,7 +309,6 @@ def _train(cfg: TrainConfig, ctx: distributed.DistContext, model, objective, dat
     step, elapsed_before, resumed_from = 0, 0.0, ckpt.latest_checkpoint(run_dir)
     if resumed_from is not None:
         state = ckpt.load_checkpoint(resumed_from, model, optimizer, ctx)
-        align_state_layout(optimizer)  # saved contiguous; a parameter may be stored column-major
         step = state["step"]
         loader.load_state_dict(state["data"])
         elapsed_before = state.get("elapsed_s", 0.0)
