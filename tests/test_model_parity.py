@@ -253,6 +253,54 @@ def test_column_major_wide_weights_change_only_strides(checkpoints, family, tmp_
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+# llama: no projection biases; qwen2: q, k and v biases; gpt2: q, k and v split from one Conv1D on load
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+def test_fused_qkv_keeps_dense_parameters_and_the_logits(checkpoints, family, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from lmforge.model.compile import fuse_qkv
+
+    folder, hf = checkpoints[family]
+    model, plain = load_model(folder, device="cpu"), load_model(folder, device="cpu")
+    ids = _ids(7, (2, 12))
+    with torch.no_grad():
+        before = model.logits(model(ids))
+    params = [p for p in model.parameters()]
+    n = model.config.n_layer
+    assert fuse_qkv(model) == n and fuse_qkv(model) == 0  # idempotent
+    assert list(model.parameters()) == params  # the same Parameter objects
+    for layer in model.layers:
+        attn = layer.self_attn
+        weight, bias = attn.qkv
+        assert (bias is not None) == (family != "llama")
+        for p in (attn.q_proj, attn.k_proj, attn.v_proj):
+            assert p.weight.is_contiguous() and p.weight.untyped_storage().data_ptr() == weight.data_ptr()
+    with torch.no_grad():
+        torch.testing.assert_close(model.logits(model(ids)), before, atol=0, rtol=0)  # unfused path
+        torch.testing.assert_close(model.logits(model(ids, fused_qkv=True)), before, atol=1e-5, rtol=0)
+    # a weight replaced since (what model.to() does) is fused again, not read from the stale block
+    attn = model.layers[0].self_attn
+    attn.k_proj.weight.data = attn.k_proj.weight.data.clone() * 2
+    assert fuse_qkv(model) == 1
+    assert attn.k_proj.weight.data_ptr() == attn.qkv[0][attn.q_proj.out_features].data_ptr()
+    attn.k_proj.weight.data /= 2
+    save_model(model, tmp_path / "out")  # the row blocks are saved as themselves
+    with torch.no_grad():
+        theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()(ids).logits
+        torch.testing.assert_close(theirs, hf(ids).logits, atol=1e-5, rtol=0)
+    # training sees ordinary parameters: a fused AdamW step matches the one on an unfused copy exactly
+    for m in (model, plain):
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-2, fused=True)
+        m.logits(m(ids)).logsumexp(-1).mean().backward()
+        opt.step()
+    for (name, a), b in zip(model.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
+    # a projection that is no plain nn.Linear (an adapter's wrapper) is never fused
+    attn.v_proj = torch.nn.Sequential(attn.v_proj)
+    fuse_qkv(model)
+    assert attn.qkv is None and model.layers[1].self_attn.qkv is not None
+
+
 @pytest.mark.slow
 def test_compiled_decode_equals_eager(checkpoints):
     folder, _ = checkpoints["qwen2"]

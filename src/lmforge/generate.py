@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from lmforge.model.compile import compile_options, wide_weights_column_major
+from lmforge.model.compile import compile_options, fuse_qkv, wide_weights_column_major
 from lmforge.model.decoder import Transformer
 from lmforge.model.kv_cache import KVCache
 
@@ -197,6 +197,7 @@ class Decoder:
         cache_len = longest + self.budget
         if compile:  # round up so runs of similar lengths share one compiled graph
             cache_len = -(-cache_len // 256) * 256
+            fuse_qkv(model)  # one product for q, k and v per step; re-checked at every generation
             wide_weights_column_major(model)  # faster matrix-vector products on CPU; no-op elsewhere
         self.cache = KVCache.for_model(model, B, cache_len, static=compile)
         self.batch_rows = list(range(B))  # result index of each batch row
@@ -303,7 +304,7 @@ class Decoder:
 
 def _decode_step(model: Transformer, tokens: torch.Tensor, *cache_tensors) -> torch.Tensor:
     """One decode step on a static cache given as tensors: (B,) tokens -> (B, V) logits."""
-    hidden = model(tokens[:, None], kv_cache=KVCache.wrap(*cache_tensors))  # (B, 1, D)
+    hidden = model(tokens[:, None], kv_cache=KVCache.wrap(*cache_tensors), fused_qkv=True)  # (B, 1, D)
     return model.logits(hidden[:, -1])
 
 
