@@ -54,10 +54,12 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.resid_dropout) if config.resid_dropout else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape  # (B, T, D), computed as (B T, D) rows: see lmforge.model.norms
+        x = x.reshape(-1, shape[-1])
         if self.gated and self.act is F.silu and torch.is_grad_enabled():
-            h = _SiluGate.apply(self.gate_proj(x), self.up_proj(x))  # (B, T, F), lean on memory
+            h = _SiluGate.apply(self.gate_proj(x), self.up_proj(x))  # (B T, F), lean on memory
         elif self.gated:
-            h = self.act(self.gate_proj(x)) * self.up_proj(x)  # (B, T, F)
+            h = self.act(self.gate_proj(x)) * self.up_proj(x)  # (B T, F)
         else:
             h = self.act(self.up_proj(x))
-        return self.dropout(self.down_proj(h))
+        return self.dropout(self.down_proj(h)).view(*shape[:-1], -1)

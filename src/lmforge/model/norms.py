@@ -1,4 +1,10 @@
-"""Normalisation layers: LayerNorm (GPT-2) and RMSNorm (Llama family)."""
+"""Normalisation layers: LayerNorm (GPT-2) and RMSNorm (Llama family).
+
+Both normalise a (..., D) input as a matrix of rows (N, D) and view the result back. The values are the
+same; the reason is compiled batch-1 decoding: inductor gives the size-1 dimension of a (1, 1, D)
+activation viewed as (1, D) a stride of 0, and at::mm copies such an input before every matrix product.
+A norm whose output is already (N, D) hands the q/k/v and gate/up products a plain row (docs/decisions.md).
+"""
 
 from __future__ import annotations
 
@@ -17,14 +23,24 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused kernel, same formula
+            rows = x.reshape(-1, x.shape[-1])  # (N, D): see the module docstring
+            return F.rms_norm(rows, self.weight.shape, self.weight, self.eps).view(
+                x.shape
+            )  # one fused kernel
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(dtype)
 
 
+class LayerNorm(nn.LayerNorm):
+    """torch's LayerNorm over (N, D) rows (see the module docstring); same parameters and state dict."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.reshape(-1, x.shape[-1])).view(x.shape)
+
+
 def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
     if kind == "rmsnorm":
         return RMSNorm(dim, eps)
-    return nn.LayerNorm(dim, eps=eps)
+    return LayerNorm(dim, eps=eps)
