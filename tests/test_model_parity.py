@@ -265,24 +265,31 @@ def test_fused_qkv_keeps_dense_parameters_and_the_logits(checkpoints, family, tm
     ids = _ids(7, (2, 12))
     with torch.no_grad():
         before = model.logits(model(ids))
-    params = [p for p in model.parameters()]
-    n = model.config.n_layer
-    assert fuse_qkv(model) == n and fuse_qkv(model) == 0  # idempotent
-    assert list(model.parameters()) == params  # the same Parameter objects
-    for layer in model.layers:
-        attn = layer.self_attn
-        weight, bias = attn.qkv
+    params = list(model.parameters())
+    blocks = fuse_qkv(model)
+    assert len(blocks) == model.config.n_layer and list(model.parameters()) == params  # same Parameters
+    for layer, (weight, bias) in zip(model.layers, blocks):
         assert (bias is not None) == (family != "llama")
-        for p in (attn.q_proj, attn.k_proj, attn.v_proj):
-            assert p.weight.is_contiguous() and p.weight.untyped_storage().data_ptr() == weight.data_ptr()
+        start = 0
+        for p in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+            assert p.weight.is_contiguous() and p.weight.data_ptr() == weight[start].data_ptr()
+            start += p.out_features
+    again = fuse_qkv(model)  # a layout that holds is not copied again
+    assert all(a[0].data_ptr() == b[0].data_ptr() for a, b in zip(again, blocks))
     with torch.no_grad():
         torch.testing.assert_close(model.logits(model(ids)), before, atol=0, rtol=0)  # unfused path
-        torch.testing.assert_close(model.logits(model(ids, fused_qkv=True)), before, atol=1e-5, rtol=0)
-    # a weight replaced since (what model.to() does) is fused again, not read from the stale block
+        torch.testing.assert_close(model.logits(model(ids, qkv=again)), before, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="inference"):
+        model(ids, qkv=again)  # gradients on: the stacked weights would bypass the projections
+    # a weight replaced since (what model.to() does) is laid out again, not read from the old block
     attn = model.layers[0].self_attn
     attn.k_proj.weight.data = attn.k_proj.weight.data.clone() * 2
-    assert fuse_qkv(model) == 1
-    assert attn.k_proj.weight.data_ptr() == attn.qkv[0][attn.q_proj.out_features].data_ptr()
+    relaid = fuse_qkv(model)
+    assert (
+        relaid[0][0].data_ptr() != blocks[0][0].data_ptr()
+        and relaid[1][0].data_ptr() == blocks[1][0].data_ptr()
+    )
+    assert attn.k_proj.weight.data_ptr() == relaid[0][0][attn.q_proj.out_features].data_ptr()
     attn.k_proj.weight.data /= 2
     save_model(model, tmp_path / "out")  # the row blocks are saved as themselves
     with torch.no_grad():
@@ -297,8 +304,15 @@ def test_fused_qkv_keeps_dense_parameters_and_the_logits(checkpoints, family, tm
         torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
     # a projection that is no plain nn.Linear (an adapter's wrapper) is never fused
     attn.v_proj = torch.nn.Sequential(attn.v_proj)
-    fuse_qkv(model)
-    assert attn.qkv is None and model.layers[1].self_attn.qkv is not None
+    blocks = fuse_qkv(model)
+    assert blocks[0] is None and blocks[1] is not None
+
+
+def test_empty_input_keeps_its_shape(checkpoints):
+    model = load_model(checkpoints["llama"][0], device="cpu")
+    with torch.no_grad():
+        for shape in ((0, 4), (2, 0)):
+            assert model(torch.zeros(shape, dtype=torch.long)).shape == (*shape, model.config.n_embd)
 
 
 @pytest.mark.slow

@@ -197,7 +197,7 @@ class Decoder:
         cache_len = longest + self.budget
         if compile:  # round up so runs of similar lengths share one compiled graph
             cache_len = -(-cache_len // 256) * 256
-            fuse_qkv(model)  # one product for q, k and v per step; re-checked at every generation
+            self._qkv = fuse_qkv(model)  # one product for q, k and v per step; views valid for this run
             wide_weights_column_major(model)  # faster matrix-vector products on CPU; no-op elsewhere
         self.cache = KVCache.for_model(model, B, cache_len, static=compile)
         self.batch_rows = list(range(B))  # result index of each batch row
@@ -297,28 +297,29 @@ class Decoder:
     def step(self) -> None:
         """Feed the last sampled token of every live row and choose the next."""
         if self.compiled:
-            self._emit(_compiled(self.model, self.cache)(self._next))
+            self._emit(_compiled(self.model, self.cache, self._qkv)(self._next))
         else:
             self._emit(self._forward_step(self._next))
 
 
-def _decode_step(model: Transformer, tokens: torch.Tensor, *cache_tensors) -> torch.Tensor:
-    """One decode step on a static cache given as tensors: (B,) tokens -> (B, V) logits."""
-    hidden = model(tokens[:, None], kv_cache=KVCache.wrap(*cache_tensors), fused_qkv=True)  # (B, 1, D)
+def _decode_step(model: Transformer, tokens: torch.Tensor, qkv, *cache_tensors) -> torch.Tensor:
+    """One decode step on a static cache given as tensors: (B,) tokens -> (B, V) logits. qkv: fuse_qkv's
+    stacked q/k/v weights per layer."""
+    hidden = model(tokens[:, None], kv_cache=KVCache.wrap(*cache_tensors), qkv=qkv)  # (B, 1, D)
     return model.logits(hidden[:, -1])
 
 
 _compiled_decode_step = None
 
 
-def _compiled(model: Transformer, cache: KVCache):
+def _compiled(model: Transformer, cache: KVCache, qkv):
     """The decode step through torch.compile. Only tensors and the model go in, so every Decoder with
     the same batch size and cache length reuses the compiled code."""
     global _compiled_decode_step
     if _compiled_decode_step is None:
         options = compile_options(cache.valid.device)
         _compiled_decode_step = torch.compile(_decode_step, dynamic=False, options=options)
-    return lambda tokens: _compiled_decode_step(model, tokens, *cache.tensors())
+    return lambda tokens: _compiled_decode_step(model, tokens, qkv, *cache.tensors())
 
 
 # --------------------------------------------------------------------------------------------------

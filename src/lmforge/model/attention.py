@@ -30,9 +30,6 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(h * hd, d, bias=config.attn_out_bias)
         self.attn_dropout = config.attn_dropout
         self.resid_dropout = nn.Dropout(config.resid_dropout) if config.resid_dropout else nn.Identity()
-        # (weight (H + 2G) hd x D, bias or None) whose row blocks are q_proj, k_proj and v_proj's own
-        # parameters, set by lmforge.model.compile.fuse_qkv for compiled decoding; not a parameter itself
-        self.qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def forward(
         self,
@@ -41,16 +38,18 @@ class Attention(nn.Module):
         mask: torch.Tensor | None,
         kv_cache: KVCache | None = None,
         prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
-        fused_qkv: bool = False,
+        qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None,
     ) -> torch.Tensor:
         """x (B, T, D) -> (B, T, D). `prefix`: keys and values (B, G, P, hd) seen by every query, placed
         before the cached and new keys and never stored in the cache (prefix / prompt tuning).
-        fused_qkv: compute q, k and v with one product over `self.qkv` when fuse_qkv has set it (the caller
-        vouches that the layout is current: the compiled decode step, right after fuse_qkv ran)."""
+        qkv: (weight, bias) of q_proj, k_proj and v_proj stacked, from lmforge.model.compile.fuse_qkv:
+        q, k and v in one product. Inference only: it bypasses the three modules (no gradient, no hooks)."""
         B, T, _ = x.shape
-        if fused_qkv and self.qkv is not None:
+        if qkv is not None:
+            if torch.is_grad_enabled():
+                raise ValueError("qkv= is for inference: no gradient would reach q_proj, k_proj, v_proj")
             q_size, kv_size = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
-            q, k, v = F.linear(x, *self.qkv).split((q_size, kv_size, kv_size), dim=-1)  # (B, T, (H + 2G) hd)
+            q, k, v = F.linear(x, *qkv).split((q_size, kv_size, kv_size), dim=-1)  # (B, T, (H + 2G) hd)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, hd)

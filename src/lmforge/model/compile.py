@@ -50,75 +50,66 @@ def wide_weights_column_major(model: nn.Module) -> int:
     return moved
 
 
-def fuse_qkv(model: nn.Module) -> int:
-    """Store each attention layer's q, k and v projection weights (and biases) as one block, so that the
-    compiled decode step computes q, k and v with one matrix product instead of three.
+def fuse_qkv(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor | None] | None]:
+    """Lay each attention layer's q, k and v projection weights (and biases) out as one block and return,
+    per layer, (W, bias) views of the blocks, or None for a layer that cannot be fused; the compiled decode
+    step passes them to the model (`qkv=`) to compute q, k and v with one matrix product instead of three.
 
-    The block is W = [W_q; W_k; W_v], ((H + 2G) hd, D), contiguous, and each projection's parameter becomes
-    its row block: still a dense, contiguous tensor of the same shape and values, so training, saving,
-    optimizers and adapters see nothing different. `attention.qkv` holds (W, bias) and is used only when a
-    forward asks for it (`fused_qkv=True`). Measured on a 2-core Xeon (docs/benchmarks.md): a SmolLM2-135M
-    batch-1 decode step ~0.8 ms (~3%) faster, from fewer matrix-vector calls and the serial work between
-    them. A block is kept row-major: column-major would make each projection a strided, non-dense view,
-    which torch's fused AdamW walks as flat memory. Projections that are not plain nn.Linear (LoRA,
-    quantized) are left alone. Idempotent: a layout that still holds is kept; one broken since (a `.data`
-    assignment, `model.to(...)`) is rebuilt. Returns how many layers were (re)fused.
+    The block is W = [W_q; W_k; W_v], ((H + 2G) hd, D), contiguous, and each projection's parameter is its
+    row block: a dense, contiguous tensor of the same shape and values, so training, saving, optimizers and
+    adapters see nothing different, and nothing but the parameters holds the memory. Measured on a 2-core
+    Xeon (docs/decisions.md): a SmolLM2-135M batch-1 decode step ~0.8 ms (~3%) faster, from fewer
+    matrix-vector calls and less serial work between them. The block is row-major: column-major would make
+    each projection a strided, non-dense view, which torch's fused AdamW walks as flat memory. Projections
+    that are not plain nn.Linear (LoRA, quantized) are left alone. The weights are copied only the first
+    time, or when they were replaced since (a `.data` assignment, `model.to(...)`); the views returned are
+    valid until the model changes, so call it again for every generation.
     """
-    fused = 0
+    blocks: list[tuple[torch.Tensor, torch.Tensor | None] | None] = []
     with torch.inference_mode(False), torch.no_grad():  # normal tensors even under inference mode
         for attn in model.modules():
             if not isinstance(attn, Attention):
                 continue
             projs = (attn.q_proj, attn.k_proj, attn.v_proj)
             if not _fusable(projs):
-                attn.qkv = None
+                blocks.append(None)
                 continue
-            if _is_block(attn.qkv, projs):
-                continue
-            weight = torch.cat([p.weight for p in projs])  # ((H + 2G) hd, D)
-            bias = torch.cat([p.bias for p in projs]) if projs[0].bias is not None else None
-            start = 0
-            for p in projs:
-                p.weight.data = weight[start : start + p.out_features]  # views: same values, dense
-                if bias is not None:
-                    p.bias.data = bias[start : start + p.out_features]
-                start += p.out_features
-            attn.qkv = (weight, bias)
-            fused += 1
-    return fused
+            weight = _block([p.weight for p in projs])
+            bias = _block([p.bias for p in projs]) if projs[0].bias is not None else None
+            if weight is None or (projs[0].bias is not None and bias is None):  # lay the block out
+                weight = torch.cat([p.weight for p in projs])  # ((H + 2G) hd, D)
+                bias = torch.cat([p.bias for p in projs]) if projs[0].bias is not None else None
+                start = 0
+                for p in projs:
+                    p.weight.data = weight[start : start + p.out_features]  # views: same values, dense
+                    if bias is not None:
+                        p.bias.data = bias[start : start + p.out_features]
+                    start += p.out_features
+            blocks.append((weight, bias))
+    return blocks
 
 
 def _fusable(projs) -> bool:
     if not all(type(p) is nn.Linear and type(p.weight) is nn.Parameter for p in projs):
         return False
     w = projs[0].weight
-    if not w.is_floating_point() or any(
-        (p.weight.dtype, p.weight.device) != (w.dtype, w.device) for p in projs
-    ):
+    tensors = [t for p in projs for t in (p.weight, p.bias) if t is not None]
+    if not w.is_floating_point() or any((t.dtype, t.device) != (w.dtype, w.device) for t in tensors):
         return False
     has_bias = [p.bias is not None for p in projs]
     return all(has_bias) or not any(has_bias)
 
 
-def _is_block(qkv, projs) -> bool:
-    """Whether every projection's weight and bias are still the row blocks of `qkv`."""
-    if qkv is None:
-        return False
-    for i, block in enumerate(qkv):
-        start = 0
-        for p in projs:
-            t = p.weight if i == 0 else p.bias
-            if (t is None) != (block is None):
-                return False
-            if t is not None and not (
-                t.dtype == block.dtype
-                and t.device == block.device
-                and t.is_contiguous()
-                and block.is_contiguous()
-                and t.data_ptr() == block[start].data_ptr()
-            ):
-                return False
-            start += p.out_features
-        if block is not None and start != block.shape[0]:
-            return False
-    return True
+def _block(parts: list[torch.Tensor]) -> torch.Tensor | None:
+    """The tensor over `parts` concatenated along dim 0 when they already lie that way in one storage
+    (contiguous, each starting where the previous ends), without copying; else None."""
+    first = parts[0]
+    offset = first.storage_offset()
+    for t in parts:
+        if not t.is_contiguous() or t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr():
+            return None
+        if t.storage_offset() != offset:
+            return None
+        offset += t.numel()
+    shape = (sum(t.shape[0] for t in parts), *first.shape[1:])
+    return first.detach().new_empty(0).set_(first.untyped_storage(), first.storage_offset(), shape)

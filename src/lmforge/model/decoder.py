@@ -33,8 +33,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = make_norm(config.norm, config.n_embd, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope, mask, kv_cache=None, prefix=None, fused_qkv=False):
-        x = x + self.self_attn(self.input_layernorm(x), rope, mask, kv_cache, prefix, fused_qkv)
+    def forward(self, x, rope, mask, kv_cache=None, prefix=None, qkv=None):
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, kv_cache, prefix, qkv)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -71,7 +71,7 @@ class Transformer(nn.Module):
         kv_cache: KVCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_prefix: bool = True,
-        fused_qkv: bool = False,
+        qkv: list | None = None,
     ) -> torch.Tensor:
         """Hidden states (B, T, D) after the final norm.
 
@@ -82,8 +82,8 @@ class Transformer(nn.Module):
             mask (B, T, T) / (B, 1, T, T) where True = may attend (packed documents, prefixes).
         kv_cache: a KVCache; this call's keys/values are appended to each row.
         use_prefix: False runs without `self.prefix` (a prompt-tuning prefix computes itself this way).
-        fused_qkv: one product for each layer's q, k and v (lmforge.model.compile.fuse_qkv, which must have
-            run since the model last changed; the compiled decode step ensures it).
+        qkv: per layer, its q/k/v weights and biases stacked, or None (lmforge.model.compile.fuse_qkv, called
+            since the model last changed): q, k and v in one product. Inference only; compiled decoding uses it.
         """
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, T, _ = x.shape
@@ -113,7 +113,7 @@ class Transformer(nn.Module):
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(layer, x, rope, mask, None, layer_prefix, use_reentrant=False)
             else:
-                x = layer(x, rope, mask, kv_cache, layer_prefix, fused_qkv)
+                x = layer(x, rope, mask, kv_cache, layer_prefix, qkv[i] if qkv is not None else None)
         if kv_cache is not None:
             kv_cache.commit(pad_mask.sum(-1) if pad_mask is not None else torch.full_like(kv_cache.seen, T))
         return self.norm(x)

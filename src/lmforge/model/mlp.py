@@ -62,4 +62,5 @@ class MLP(nn.Module):
             h = self.act(self.gate_proj(x)) * self.up_proj(x)  # (B T, F)
         else:
             h = self.act(self.up_proj(x))
-        return self.dropout(self.down_proj(h)).view(*shape[:-1], -1)
+        out = self.dropout(self.down_proj(h))  # (B T, D)
+        return out.view(*shape[:-1], out.shape[-1])
