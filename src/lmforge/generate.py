@@ -195,9 +195,9 @@ class Decoder:
         # so the decode step is traced once; see KVCache
         self.compiled = compile
         cache_len = longest + self.budget
+        self._qkv = fuse_qkv(model)  # q, k and v in one product; the views hold for this generation
         if compile:  # round up so runs of similar lengths share one compiled graph
             cache_len = -(-cache_len // 256) * 256
-            self._qkv = fuse_qkv(model)  # one product for q, k and v per step; views valid for this run
             wide_weights_column_major(model)  # faster matrix-vector products on CPU; no-op elsewhere
         self.cache = KVCache.for_model(model, B, cache_len, static=compile)
         self.batch_rows = list(range(B))  # result index of each batch row
@@ -210,7 +210,7 @@ class Decoder:
     def prefill(self) -> None:
         t0 = time.perf_counter()
         ids, mask = _left_pad(self._prompts, self._pad_id, self.device)
-        hidden = self.model(ids, attention_mask=mask, kv_cache=self.cache)  # (B, T, D)
+        hidden = self.model(ids, attention_mask=mask, kv_cache=self.cache, qkv=self._qkv)  # (B, T, D)
         if self.params.prompt_logprobs:
             self._score_prompts(hidden, ids, mask)
         logits = self.model.logits(hidden[:, -1])  # (B, V): left padding puts every prompt's end last
@@ -290,7 +290,7 @@ class Decoder:
             self.out_counts = self.out_counts.index_select(0, index)
 
     def _forward_step(self, tokens: torch.Tensor) -> torch.Tensor:
-        hidden = self.model(tokens[:, None], kv_cache=self.cache)  # (B, 1, D)
+        hidden = self.model(tokens[:, None], kv_cache=self.cache, qkv=self._qkv)  # (B, 1, D)
         return self.model.logits(hidden[:, -1])  # (B, V)
 
     @torch.inference_mode()
