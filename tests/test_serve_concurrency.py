@@ -76,4 +76,7 @@ def test_32_concurrent_clients_answered_or_429(pre):
     for i in answered:
         assert results[i][1] == expected[i], f"request {i}: batched output differs from alone"
     assert all(results[i][2] is not None for i in refused)  # Retry-After
-    assert 'status="5' not in metrics
+    # no request was answered with a server error; /health is excluded: it answers 503 until the load
+    # thread has finished, and RunningServer may poll it that early (CI saw one such 503 once)
+    errors = [line for line in metrics.splitlines() if 'status="5' in line and 'route="/health"' not in line]
+    assert not errors, errors
