@@ -1,5 +1,5 @@
 """Settings for the code lmforge hands to torch.compile (the decode step, the training step), and the
-weight layouts compiled decoding reads fastest.
+weight layouts decoding reads fastest.
 
 On CPU, inductor's C++ wrapper (`cpp_wrapper`) launches the compiled kernels and the matmul calls from
 generated C++ instead of a Python function, which removes ~10 us of interpreter work per kernel:
@@ -58,12 +58,13 @@ def fuse_qkv(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor | None] 
     The block is W = [W_q; W_k; W_v], ((H + 2G) hd, D), contiguous, and each projection's parameter is its
     row block: a dense, contiguous tensor of the same shape and values, so training, saving, optimizers and
     adapters see nothing different, and nothing but the parameters holds the memory. Measured on a 2-core
-    Xeon (docs/decisions.md): a SmolLM2-135M batch-1 decode step ~0.8 ms (~3%) faster compiled and
-    ~1.2 ms (~3%) eager, from fewer matrix-vector calls and less serial work between them. The block is row-major: column-major would make
-    each projection a strided, non-dense view, which torch's fused AdamW walks as flat memory. Projections
-    that are not plain nn.Linear (LoRA, quantized) are left alone. The weights are copied only the first
-    time, or when they were replaced since (a `.data` assignment, `model.to(...)`); the views returned are
-    valid until the model changes, so call it again for every generation.
+    Xeon (docs/decisions.md): a SmolLM2-135M batch-1 decode step ~0.8 ms (~3%) faster compiled and ~1.2 ms
+    (~3%) eager, from fewer matrix-vector calls and less serial work between them. The block is row-major:
+    column-major would make each projection a strided, non-dense view, which torch's fused AdamW walks as
+    flat memory. Projections that are not plain nn.Linear (LoRA, quantized) or hold a tensor subclass
+    (FSDP's DTensor shards) are left alone. The weights are copied only the first time, or when they were
+    replaced since (a `.data` assignment, `model.to(...)`); the views returned are valid until the model
+    changes, so call it again for every generation.
     """
     blocks: list[tuple[torch.Tensor, torch.Tensor | None] | None] = []
     with torch.inference_mode(False), torch.no_grad():  # normal tensors even under inference mode
@@ -92,10 +93,10 @@ def fuse_qkv(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor | None] 
 def _fusable(projs) -> bool:
     if not all(type(p) is nn.Linear and type(p.weight) is nn.Parameter for p in projs):
         return False
-    if any(type(t.data) is not torch.Tensor for p in projs for t in (p.weight, p.bias) if t is not None):
-        return False  # a tensor subclass (FSDP's DTensor shards): its storage is not ours to lay out
     w = projs[0].weight
     tensors = [t for p in projs for t in (p.weight, p.bias) if t is not None]
+    if any(type(t.data) is not torch.Tensor for t in tensors):
+        return False  # a tensor subclass (FSDP's DTensor shards): its storage is not ours to lay out
     if not w.is_floating_point() or any((t.dtype, t.device) != (w.dtype, w.device) for t in tensors):
         return False
     has_bias = [p.bias is not None for p in projs]

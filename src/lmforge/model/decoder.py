@@ -83,7 +83,7 @@ class Transformer(nn.Module):
         kv_cache: a KVCache; this call's keys/values are appended to each row.
         use_prefix: False runs without `self.prefix` (a prompt-tuning prefix computes itself this way).
         qkv: per layer, its q/k/v weights and biases stacked, or None (lmforge.model.compile.fuse_qkv, called
-            since the model last changed): q, k and v in one product. Inference only; compiled decoding uses it.
+            since the model last changed): q, k and v in one product. Inference only; generation uses it.
         """
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, T, _ = x.shape

@@ -22,15 +22,14 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])  # (N, D): see the module docstring
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            rows = x.reshape(-1, x.shape[-1])  # (N, D): see the module docstring
-            return F.rms_norm(rows, self.weight.shape, self.weight, self.eps).view(
-                x.shape
-            )  # one fused kernel
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+            y = F.rms_norm(rows, self.weight.shape, self.weight, self.eps)  # one fused kernel, same formula
+        else:
+            r32 = rows.float()
+            r32 = r32 * torch.rsqrt(r32.pow(2).mean(-1, keepdim=True) + self.eps)
+            y = self.weight * r32.to(x.dtype)
+        return y.view(x.shape)
 
 
 class LayerNorm(nn.LayerNorm):
