@@ -75,15 +75,16 @@ def fuse_qkv(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor | None] 
             if not _fusable(projs):
                 blocks.append(None)
                 continue
+            has_bias = projs[0].bias is not None  # all three or none (_fusable)
             weight = _block([p.weight for p in projs])
-            bias = _block([p.bias for p in projs]) if projs[0].bias is not None else None
-            if weight is None or (projs[0].bias is not None and bias is None):  # lay the block out
+            bias = _block([p.bias for p in projs]) if has_bias else None
+            if weight is None or (has_bias and bias is None):  # lay the block out
                 weight = torch.cat([p.weight for p in projs])  # ((H + 2G) hd, D)
-                bias = torch.cat([p.bias for p in projs]) if projs[0].bias is not None else None
+                bias = torch.cat([p.bias for p in projs]) if has_bias else None
                 start = 0
                 for p in projs:
                     p.weight.data = weight[start : start + p.out_features]  # views: same values, dense
-                    if bias is not None:
+                    if has_bias:
                         p.bias.data = bias[start : start + p.out_features]
                     start += p.out_features
             blocks.append((weight, bias))
